@@ -1,0 +1,1 @@
+"""Benchmarks: each script checks targets and writes its results to bench/results/."""

@@ -1,0 +1,159 @@
+"""The model manifest: everything a server, a client and an auditor need to know about one artifact.
+
+A manifest sits beside ``model.onnx`` in ``<repo>/<model>/<version>/manifest.json``. It is the
+single source of truth for how to feed the model (shape, dtype, normalization), what it outputs,
+how private it is (the DP record, straight from the accountant) and how it was quantized.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MANIFEST_SCHEMA_VERSION = 1
+MODEL_FILE = "model.onnx"
+MANIFEST_FILE = "manifest.json"
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="strings")
+
+
+class Normalization(_Record):
+    """``normalized = (raw * scale - mean) / std``; mean/std hold one value or one per feature."""
+
+    scale: float = Field(gt=0)
+    mean: list[float] = Field(min_length=1)
+    std: list[float] = Field(min_length=1)
+    fitted_on: str
+
+    @model_validator(mode="after")
+    def _same_length(self) -> Normalization:
+        if len(self.mean) != len(self.std):
+            raise ValueError("mean and std must have the same length")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be positive")
+        return self
+
+    def apply(self, raw: np.ndarray) -> np.ndarray:
+        """Normalize raw inputs to float32; per-feature values broadcast over the last axis."""
+        mean, std = np.asarray(self.mean, np.float64), np.asarray(self.std, np.float64)
+        return ((raw.astype(np.float64) * self.scale - mean) / std).astype(np.float32)
+
+
+class InputSpec(_Record):
+    name: str
+    shape: list[int] = Field(description="shape of one sample, without the batch axis")
+    dtype: Literal["float32"] = "float32"
+    raw_range: tuple[float, float] = Field(description="range of raw values before normalization")
+    normalization: Normalization
+
+
+class OutputSpec(_Record):
+    name: str
+    labels: list[str] = Field(min_length=2)
+    kind: Literal["logits"] = "logits"
+
+
+class DPRecord(_Record):
+    """DP-SGD's privacy record. ``epsilon`` comes from the accountant after training.
+
+    A non-private baseline has ``epsilon = inf`` and ``noise_multiplier = 0``; it went through the
+    same code path (per-sample clipping, Poisson sampling), only without noise.
+    """
+
+    epsilon: float = Field(ge=0, description="spent, per the accountant after the last step")
+    target_epsilon: float = Field(gt=0)
+    delta: float = Field(gt=0, lt=1)
+    noise_multiplier: float = Field(ge=0)
+    max_grad_norm: float = Field(gt=0)
+    sample_rate: float = Field(gt=0, le=1)
+    expected_batch_size: int = Field(gt=0)
+    epochs: int = Field(gt=0)
+    steps: int = Field(gt=0)
+    accountant: Literal["prv"] = "prv"
+    poisson_sampling: bool = True
+    secure_rng: bool = Field(description="whether noise came from a cryptographically secure RNG")
+    seed: int
+    dataset: str
+    private_size: int = Field(gt=0, description="examples DP-SGD trained on (n)")
+
+    @property
+    def private(self) -> bool:
+        return math.isfinite(self.target_epsilon)
+
+
+class QuantizationRecord(_Record):
+    scheme: Literal["static-qdq"] = "static-qdq"
+    weights: Literal["int8, per-output-channel, symmetric, 7-bit range [-63, 63]"] = (
+        "int8, per-output-channel, symmetric, 7-bit range [-63, 63]"
+    )
+    activations: Literal["uint8, per-tensor, asymmetric"] = "uint8, per-tensor, asymmetric"
+    bias: Literal["int32, scale = input scale x weight scale"] = "int32, scale = input scale x weight scale"
+    calibration_method: Literal["minmax"] = "minmax"
+    calibration_split: str = Field(description="which data calibrated the activation ranges")
+    calibration_size: int = Field(gt=0)
+
+
+class Metrics(_Record):
+    fp32_accuracy: float = Field(ge=0, le=1)
+    int8_accuracy: float = Field(ge=0, le=1)
+    test_size: int = Field(gt=0)
+
+
+class TrainingRecord(_Record):
+    command: str = Field(description="the exact command that produced this artifact")
+    architecture: str
+    optimizer: str
+    learning_rate: float
+    wall_time_seconds: float
+    torch_threads: int
+    torch_version: str
+    opacus_version: str
+    machine: str
+    created: str
+
+
+class FileRecord(_Record):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+
+
+class LayerRecord(_Record):
+    op: Literal["conv", "dense", "square", "avgpool", "flatten"]
+    detail: str
+    levels: int = Field(ge=0, description="CKKS multiplicative levels this layer consumes")
+
+
+class Manifest(_Record):
+    schema_version: Literal[1] = MANIFEST_SCHEMA_VERSION
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    version: int = Field(ge=1)
+    task: Literal["classification"] = "classification"
+    dataset: str
+    dataset_description: str
+    input: InputSpec
+    output: OutputSpec
+    layers: list[LayerRecord] = Field(min_length=1)
+    multiplicative_depth: int = Field(ge=1)
+    dp: DPRecord
+    quantization: QuantizationRecord
+    metrics: Metrics
+    training: TrainingRecord
+    files: dict[str, FileRecord]
+
+    @field_validator("files")
+    @classmethod
+    def _has_model_file(cls, files: dict[str, FileRecord]) -> dict[str, FileRecord]:
+        if MODEL_FILE not in files:
+            raise ValueError(f"files must list {MODEL_FILE}")
+        return files
+
+    @model_validator(mode="after")
+    def _depth_matches_layers(self) -> Manifest:
+        if self.multiplicative_depth != sum(layer.levels for layer in self.layers):
+            raise ValueError("multiplicative_depth must equal the sum of the layers' levels")
+        return self

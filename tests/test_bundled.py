@@ -1,0 +1,50 @@
+"""The models shipped in the repository: complete, valid, accounted and within the int8 budget."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from gateway.cli import BUNDLED_REPOSITORY
+from models.repository import ModelRepository
+from models.training import recompute_epsilon
+
+EXPECTED = {f"mnist-{arch}-eps{eps}" for arch in ("cnn", "mlp") for eps in ("1", "3", "8", "inf")} | {
+    "breast-cancer-mlp-eps3"
+}
+
+
+@pytest.fixture(scope="module")
+def bundled() -> ModelRepository:
+    return ModelRepository(BUNDLED_REPOSITORY)
+
+
+def test_every_bundled_model_is_present(bundled):
+    assert set(bundled.names()) == EXPECTED
+
+
+def test_bundled_epsilons_come_from_the_accountant(bundled):
+    for artifact in bundled.artifacts():
+        dp = artifact.manifest.dp
+        assert recompute_epsilon(dp) == pytest.approx(dp.epsilon, rel=1e-9), artifact.manifest.name
+        if dp.private:
+            assert dp.epsilon <= dp.target_epsilon + 0.01
+            assert dp.noise_multiplier > 0
+        else:
+            assert math.isinf(dp.epsilon) and dp.noise_multiplier == 0
+        if dp.dataset == "mnist":
+            assert dp.delta == 1e-5
+
+
+def test_bundled_int8_accuracy_is_within_0_3_points_of_fp32(bundled):
+    for artifact in bundled.artifacts():
+        metrics = artifact.manifest.metrics
+        assert abs(metrics.int8_accuracy - metrics.fp32_accuracy) <= 0.003, artifact.manifest.name
+
+
+def test_bundled_models_are_small_and_record_their_command(bundled):
+    for artifact in bundled.artifacts():
+        assert artifact.model_bytes < 400 * 1024
+        assert artifact.manifest.training.command.startswith("hegate train ")
+        assert f"--epsilon {artifact.manifest.name.rsplit('eps', 1)[1]}" in artifact.manifest.training.command

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from gateway.cli import main
+from models.manifest import MANIFEST_FILE
+
+
+def test_train_writes_an_artifact_with_its_exact_command(tmp_path, capsys):
+    argv = [
+        "train",
+        "--dataset",
+        "breast_cancer",
+        "--arch",
+        "mlp",
+        "--epsilon",
+        "3",
+        "--epochs",
+        "3",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+    ]
+    assert main(argv) == 0
+    manifest = json.loads((tmp_path / "breast-cancer-mlp-eps3" / "1" / MANIFEST_FILE).read_text())
+    assert manifest["training"]["command"] == "hegate " + " ".join(argv)
+    assert manifest["dp"]["delta"] == 1e-3
+    out = capsys.readouterr().out
+    assert "breast-cancer-mlp-eps3" in out and "wrote" in out
+
+
+def test_models_lists_a_repository(trained_repo, capsys):
+    assert main(["models", "--repo", str(trained_repo)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:4] == ["model", "ver", "epsilon", "delta"]
+    assert [line.split()[0] for line in out[1:]] == ["digits-cnn-eps3", "digits-mlp-eps3"]
+
+
+def test_errors_are_one_line_and_exit_code_2(tmp_path, capsys):
+    assert main(["models", "--repo", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hegate models: error: model repository") and err.count("\n") == 1
+
+
+def test_unknown_recipe_is_a_clear_error(tmp_path, capsys):
+    argv = ["train", "--dataset", "breast_cancer", "--arch", "cnn", "--epsilon", "3", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert "no recipe for dataset 'breast_cancer' with architecture 'cnn'" in capsys.readouterr().err
+
+
+def test_missing_train_extra_names_the_install_command(tmp_path):
+    script = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from gateway.cli import main\n"
+        "sys.exit(main(['train', '--dataset', 'digits', '--arch', 'mlp', '--epsilon', '3',"
+        f" '--out', {str(tmp_path)!r}]))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "pip install 'hegate[train]'" in result.stderr
+    assert "Traceback" not in result.stderr

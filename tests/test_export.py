@@ -1,0 +1,49 @@
+"""The exported int8 ONNX model against the PyTorch int8 reference and the fp32 model."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from models import onnx_runtime
+from models.int8_reference import reference_logits
+
+
+def _output_step(exported) -> float:
+    return exported.network.layers[-1].output.scale
+
+
+def test_onnxruntime_matches_the_pytorch_int8_reference(exported_cnn, digits):
+    x = digits.normalize(digits.test.x)
+    session = onnx_runtime.create_session(exported_cnn.artifact.onnx_path)
+    ort_logits = onnx_runtime.predict_logits(session, x)
+    torch_logits = reference_logits(exported_cnn.network, x)
+    assert np.abs(ort_logits - torch_logits).max() <= _output_step(exported_cnn) * 1.0001
+    assert (ort_logits.argmax(1) == torch_logits.argmax(1)).mean() > 0.99
+
+
+def test_int8_accuracy_is_close_to_fp32(exported_cnn):
+    metrics = exported_cnn.artifact.manifest.metrics
+    assert abs(metrics.int8_accuracy - metrics.fp32_accuracy) <= 0.02
+    assert metrics.int8_accuracy > 0.85
+
+
+def test_result_for_one_input_does_not_depend_on_its_batch(exported_cnn, digits):
+    x = digits.normalize(digits.test.x[:64])
+    session = onnx_runtime.create_session(exported_cnn.artifact.onnx_path)
+    alone = np.concatenate([onnx_runtime.predict_logits(session, x[i : i + 1]) for i in range(len(x))])
+    together = onnx_runtime.predict_logits(session, x)
+    with_outlier = onnx_runtime.predict_logits(session, np.concatenate([x, np.full_like(x[:1], 1e4)]))[:-1]
+    np.testing.assert_array_equal(alone, together)
+    np.testing.assert_array_equal(alone, with_outlier)
+
+
+def test_graph_is_int8_qdq_with_per_channel_weights(exported_cnn):
+    model = onnx.load(str(exported_cnn.artifact.onnx_path))
+    ops = [node.op_type for node in model.graph.node]
+    assert {"Conv", "Gemm", "Mul", "AveragePool"} <= set(ops)
+    assert set(ops) <= {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "Mul", "AveragePool", "Flatten"}
+    weights = {i.name: i for i in model.graph.initializer if i.name.endswith("weight.q")}
+    assert weights and all(w.data_type == onnx.TensorProto.INT8 for w in weights.values())
+    weight_scales = [i for i in model.graph.initializer if i.name.endswith("weight.scale")]
+    assert all(len(s.dims) == 1 and s.dims[0] > 1 for s in weight_scales)

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.errors import InvalidArgumentError
+from models.layers import Dense, Flatten, Square
+from models.quantization import INT8_MAX, QuantParams, quantize_network, quantize_weights
+
+
+def test_range_always_contains_zero_exactly():
+    params = QuantParams.from_range(0.5, 3.0)
+    assert params.zero_point == 0
+    assert params.dequantize(params.quantize(np.array([0.0])))[0] == 0.0
+    negative = QuantParams.from_range(-2.0, -1.0)
+    assert negative.zero_point == 255
+
+
+def test_quantize_rounds_half_to_even_and_saturates():
+    params = QuantParams(scale=1.0, zero_point=0)
+    np.testing.assert_array_equal(params.quantize(np.array([0.5, 1.5, 2.5, -3.0, 300.0])), [0, 2, 2, 0, 255])
+
+
+def test_non_finite_calibration_is_refused():
+    with pytest.raises(InvalidArgumentError, match="not finite"):
+        QuantParams.from_range(0.0, float("inf"))
+
+
+def test_weights_are_symmetric_per_output_channel():
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(4, 9)).astype(np.float32) * np.array([[1e-3], [1.0], [10.0], [0.0]], np.float32)
+    q, scale = quantize_weights(weight)
+    assert q.dtype == np.int8
+    assert np.abs(q[:3]).max(axis=1).tolist() == [INT8_MAX] * 3
+    assert (q[3] == 0).all()
+    reconstructed = q * scale[:, None]
+    assert (np.abs(reconstructed - weight) <= scale[:, None] / 2 * 1.0001).all()
+
+
+def test_extreme_weights_saturate_to_int8_range():
+    weight = np.array([[-1e30, 1e30, 0.0]], np.float32)
+    q, _ = quantize_weights(weight)
+    assert q.tolist() == [[-INT8_MAX, INT8_MAX, 0]]
+    assert INT8_MAX == 63  # reduce range: no int16 saturation in onnxruntime's AVX2 kernels
+
+
+def test_quantize_network_needs_one_range_per_layer():
+    layers = [Flatten(), Dense(np.ones((2, 3), np.float32), np.zeros(2, np.float32)), Square()]
+    with pytest.raises(InvalidArgumentError, match="need 4 calibration ranges"):
+        quantize_network(layers, [(0.0, 1.0)] * 3)
+    network = quantize_network(layers, [(0.0, 1.0)] * 4)
+    assert network.layers[0].output is None  # flatten passes its input's parameters through
+    assert network.layers[1].bias_q.dtype == np.int32
