@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 from gateway.cli import BUNDLED_REPOSITORY
+from models.machine import machine_description
 from models.manifest import MODEL_FILE, Manifest
-from models.pipeline import machine_description
 from models.repository import ModelRepository
 
 RESULTS = Path(__file__).resolve().parent / "results"

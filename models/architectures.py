@@ -49,11 +49,21 @@ def build_mlp(input_shape: list[int], num_classes: int, *, hidden: int) -> nn.Se
 
 
 def build_cnn(
-    input_shape: list[int], num_classes: int, *, kernel: int, stride: int, scales: int, orientations: int, pool: int
+    input_shape: list[int],
+    num_classes: int,
+    *,
+    kernel: int,
+    stride: int,
+    padding: int,
+    scales: int,
+    orientations: int,
+    pool: int,
+    hidden: int,
 ) -> nn.Sequential:
-    """Fixed wavelet conv -> square -> average pool -> (centre) -> private dense: four levels.
+    """Fixed wavelet conv -> square -> average pool -> (centre) -> private dense head.
 
-    Only the last dense layer is trained (privately); the convolution holds the fixed
+    The head is one dense layer (four levels in all) or, with ``hidden > 0``, dense -> square ->
+    dense (six levels). Only the head is trained (privately); the convolution holds the fixed
     :func:`models.wavelets.filter_bank`, rescaled per channel on the public split by
     :func:`fit_public`, which also sets the centring. The centring folds into the dense bias
     at export, so the exported graph is conv, square, average pool, flatten, dense.
@@ -61,25 +71,22 @@ def build_cnn(
     if len(input_shape) != 3 or input_shape[0] != 1:
         raise InvalidArgumentError(f"the cnn architecture needs one-channel images [1, H, W], got shape {input_shape}")
     bank = torch.from_numpy(filter_bank(kernel, scales=scales, orientations=orientations))
-    conv = nn.Conv2d(1, bank.shape[0], kernel, stride, padding=kernel // 2)
+    conv = nn.Conv2d(1, bank.shape[0], kernel, stride, padding=padding)
     with torch.no_grad():
         conv.weight.copy_(bank)
         conv.bias.zero_()
     conv.requires_grad_(False)
     _, height, width = input_shape
-    out_h = _conv_out(height, kernel, stride, kernel // 2) // pool
-    out_w = _conv_out(width, kernel, stride, kernel // 2) // pool
+    out_h = _conv_out(height, kernel, stride, padding) // pool
+    out_w = _conv_out(width, kernel, stride, padding) // pool
     if out_h < 1 or out_w < 1:
         raise InvalidArgumentError(f"pool {pool} after stride {stride} leaves nothing of a {height}x{width} image")
     features = bank.shape[0] * out_h * out_w
-    return nn.Sequential(
-        conv,
-        SquareActivation(),
-        nn.AvgPool2d(pool),
-        nn.Flatten(),
-        Centre(features),
-        nn.Linear(features, num_classes),
-    )
+    head = [nn.Linear(features, hidden), SquareActivation(), nn.Linear(hidden, num_classes)] if hidden else [
+        nn.Linear(features, num_classes)
+    ]
+    pooling = [nn.AvgPool2d(pool)] if pool > 1 else []
+    return nn.Sequential(conv, SquareActivation(), *pooling, nn.Flatten(), Centre(features), *head)
 
 
 ARCHITECTURES: dict[str, Callable[..., nn.Sequential]] = {"mlp": build_mlp, "cnn": build_cnn}

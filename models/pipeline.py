@@ -6,8 +6,6 @@ This is the one place that strings the steps together; each step lives in its ow
 from __future__ import annotations
 
 import datetime
-import os
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from models import architectures, onnx_runtime
 from models.data import Dataset, load_dataset
 from models.export import build_onnx
 from models.layers import describe
+from models.machine import machine_description
 from models.manifest import (
     InputSpec,
     Metrics,
@@ -43,17 +42,6 @@ def model_name(dataset: str, arch: str, epsilon: float) -> str:
     """``mnist-cnn-eps3``, ``breast-cancer-mlp-eps3``, ``mnist-mlp-epsinf``."""
     tag = "inf" if epsilon == float("inf") else f"{epsilon:g}"
     return f"{dataset.replace('_', '-')}-{arch}-eps{tag}"
-
-
-def machine_description() -> str:
-    """CPU model and core count, recorded beside every timing."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
 
 
 def export_trained(
@@ -128,6 +116,7 @@ def train_private(recipe: Recipe, dataset: Dataset, *, progress: bool = True) ->
     """Seed, build the architecture, fit its fixed parts on public data, then train with DP-SGD."""
     import torch
 
+    torch.set_num_threads(recipe.training.threads)  # with a core busy elsewhere, 2 threads run 100x slower
     torch.manual_seed(recipe.training.seed)  # the initial weights are part of what the seed fixes
     module = architectures.build(
         recipe.architecture, dataset.input_shape, len(dataset.labels), **recipe.architecture_options

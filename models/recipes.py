@@ -23,7 +23,7 @@ class Recipe(BaseModel):
 
 _DEFAULTS: dict[tuple[str, str], tuple[dict[str, int], dict[str, float | int]]] = {
     ("mnist", "cnn"): (
-        {"kernel": 7, "stride": 1, "scales": 2, "orientations": 8, "pool": 4},
+        {"kernel": 7, "stride": 1, "padding": 3, "scales": 2, "orientations": 8, "pool": 4, "hidden": 0},
         {"epochs": 40, "batch_size": 1024, "learning_rate": 2.0, "momentum": 0.9, "max_grad_norm": 0.1},
     ),
     ("mnist", "mlp"): (
@@ -31,7 +31,7 @@ _DEFAULTS: dict[tuple[str, str], tuple[dict[str, int], dict[str, float | int]]] 
         {"epochs": 20, "batch_size": 1024, "learning_rate": 0.1, "momentum": 0.9, "max_grad_norm": 1.0},
     ),
     ("digits", "cnn"): (
-        {"kernel": 5, "stride": 1, "scales": 1, "orientations": 4, "pool": 2},
+        {"kernel": 5, "stride": 1, "padding": 2, "scales": 1, "orientations": 4, "pool": 2, "hidden": 0},
         {"epochs": 10, "batch_size": 64, "learning_rate": 1.0, "momentum": 0.9, "max_grad_norm": 0.1},
     ),
     ("digits", "mlp"): (
