@@ -83,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model with DP-SGD, quantize it to int8 and export it")
     train.add_argument("--dataset", required=True, choices=["mnist", "digits", "breast_cancer"])
-    train.add_argument("--arch", required=True, choices=["mlp", "cnn"])
+    train.add_argument("--arch", required=True, choices=["linear", "mlp", "cnn"])
     train.add_argument("--epsilon", required=True, type=_epsilon, help="target epsilon; 'inf' for no DP noise")
-    train.add_argument("--delta", type=float, help="default: the largest power of ten below 1/n")
+    train.add_argument("--delta", type=float, help="default: the largest power of ten at most 1/(10 n)")
     train.add_argument("--epochs", type=int)
     train.add_argument("--batch-size", type=int, help="expected batch size (Poisson sampling)")
     train.add_argument("--lr", type=float, help="learning rate")

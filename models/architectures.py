@@ -42,6 +42,15 @@ def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
+def build_linear(input_shape: list[int], num_classes: int) -> nn.Sequential:
+    """Flatten -> dense: logistic regression, one level of CKKS depth.
+
+    For small tabular sets: with a few hundred examples a hidden square layer gives uint8
+    activations a dynamic range that a handful of public examples cannot calibrate well.
+    """
+    return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(input_shape)), num_classes))
+
+
 def build_mlp(input_shape: list[int], num_classes: int, *, hidden: int) -> nn.Sequential:
     """Flatten -> dense -> square -> dense: three levels of CKKS depth."""
     features = int(np.prod(input_shape))
@@ -82,14 +91,16 @@ def build_cnn(
     if out_h < 1 or out_w < 1:
         raise InvalidArgumentError(f"pool {pool} after stride {stride} leaves nothing of a {height}x{width} image")
     features = bank.shape[0] * out_h * out_w
-    head = [nn.Linear(features, hidden), SquareActivation(), nn.Linear(hidden, num_classes)] if hidden else [
-        nn.Linear(features, num_classes)
-    ]
+    head = (
+        [nn.Linear(features, hidden), SquareActivation(), nn.Linear(hidden, num_classes)]
+        if hidden
+        else [nn.Linear(features, num_classes)]
+    )
     pooling = [nn.AvgPool2d(pool)] if pool > 1 else []
     return nn.Sequential(conv, SquareActivation(), *pooling, nn.Flatten(), Centre(features), *head)
 
 
-ARCHITECTURES: dict[str, Callable[..., nn.Sequential]] = {"mlp": build_mlp, "cnn": build_cnn}
+ARCHITECTURES: dict[str, Callable[..., nn.Sequential]] = {"linear": build_linear, "mlp": build_mlp, "cnn": build_cnn}
 
 
 def build(name: str, input_shape: list[int], num_classes: int, **options: int) -> nn.Sequential:

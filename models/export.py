@@ -4,7 +4,8 @@ The graph is built node by node rather than exported from PyTorch, so its shape 
 simple for the two compilers that read it (numba kernels, CKKS plan): every tensor between
 layers travels as ``QuantizeLinear -> DequantizeLinear``, weights are int8 initializers behind a
 per-channel ``DequantizeLinear`` and biases are int32 initializers. onnxruntime fuses these
-patterns into its integer kernels (QLinearConv, QGemm, QLinearMul, ...).
+patterns into its integer kernels (QLinearConv, QGemm, QLinearMul, ...). The last layer has no
+output QuantizeLinear: it produces the float logits (onnxruntime's QGemm with a float output).
 """
 
 from __future__ import annotations
@@ -63,16 +64,16 @@ class _Quantized:
     zero_point: str
 
 
-def _weighted(builder: _GraphBuilder, ql: QuantizedLayer, x: str, input_scale: float, name: str) -> str:
+def _weighted(builder: _GraphBuilder, ql: QuantizedLayer, x: str, input_scale: float, name: str, out: str) -> str:
     weight = builder.per_channel(ql.weight_q, ql.weight_scale, f"{name}.weight")
     bias = builder.per_channel(ql.bias_q, np.float32(input_scale) * ql.weight_scale, f"{name}.bias")
     match ql.layer:
         case Conv(stride=s, padding=p, weight=w):
             k = w.shape[-1]
             attrs = {"strides": [s, s], "pads": [p, p, p, p], "kernel_shape": [k, k]}
-            return builder.node("Conv", [x, weight, bias], f"{name}.out", **attrs)
+            return builder.node("Conv", [x, weight, bias], out, **attrs)
         case Dense():
-            return builder.node("Gemm", [x, weight, bias], f"{name}.out", transB=1)
+            return builder.node("Gemm", [x, weight, bias], out, transB=1)
     raise TypeError(f"not a weighted layer: {ql.layer!r}")
 
 
@@ -89,6 +90,7 @@ def build_onnx(
     builder = _GraphBuilder()
     params = network.input
     x_q = builder.quantize(input_name, params, "input")
+    last = len(network.layers) - 1
     for index, ql in enumerate(network.layers):
         name = f"layer{index}"
         if isinstance(ql.layer, Flatten):
@@ -96,16 +98,18 @@ def build_onnx(
             x_q = _Quantized(builder.node("Flatten", [x_q.tensor], f"{name}.q", axis=1), x_q.scale, x_q.zero_point)
             continue
         x = builder.dequantize(x_q, f"{name}.in")
+        # The last layer writes float logits straight from its accumulators: no output rounding.
+        out = output_name if index == last else f"{name}.out"
         match ql.layer:
             case Conv() | Dense():
-                y = _weighted(builder, ql, x, params.scale, name)
+                y = _weighted(builder, ql, x, params.scale, name, out)
             case Square():
-                y = builder.node("Mul", [x, x], f"{name}.out")
+                y = builder.node("Mul", [x, x], out)
             case AvgPool(kernel=k, stride=s):
-                y = builder.node("AveragePool", [x], f"{name}.out", kernel_shape=[k, k], strides=[s, s])
-        params = ql.output
-        x_q = builder.quantize(y, params, name)
-    builder.dequantize(x_q, output_name)
+                y = builder.node("AveragePool", [x], out, kernel_shape=[k, k], strides=[s, s])
+        if index < last:
+            params = ql.output
+            x_q = builder.quantize(y, params, name)
     graph = helper.make_graph(
         builder.nodes,
         "hegate",

@@ -8,14 +8,27 @@ how private it is (the DP record, straight from the accountant) and how it was q
 from __future__ import annotations
 
 import math
+import re
 from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from models.errors import InvalidArgumentError
+
 MANIFEST_SCHEMA_VERSION = 1
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
+MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]*$"
+
+
+def validate_model_name(name: str) -> str:
+    """Checked before training starts, so that a bad ``--name`` does not cost a training run."""
+    if not re.fullmatch(MODEL_NAME_PATTERN, name):
+        raise InvalidArgumentError(
+            f"model name {name!r} must be lower-case letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
 
 
 class _Record(BaseModel):
@@ -130,7 +143,7 @@ class LayerRecord(_Record):
 
 class Manifest(_Record):
     schema_version: Literal[1] = MANIFEST_SCHEMA_VERSION
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    name: str = Field(pattern=MODEL_NAME_PATTERN)
     version: int = Field(ge=1)
     task: Literal["classification"] = "classification"
     dataset: str

@@ -22,6 +22,7 @@ from models.manifest import (
     OutputSpec,
     QuantizationRecord,
     TrainingRecord,
+    validate_model_name,
 )
 from models.quantization import QuantizedNetwork, quantize_network
 from models.recipes import Recipe
@@ -68,7 +69,7 @@ def export_trained(
         input_shape=dataset.input_shape,
         output_name=OUTPUT_NAME,
         num_outputs=len(dataset.labels),
-        doc=f"{name} v{version}: {command}",
+        doc=f"hegate model {name} v{version}; provenance in manifest.json",
     )
     test_x = dataset.normalize(dataset.test.x)
     session = onnx_runtime.create_session(model.SerializeToString())
@@ -129,13 +130,14 @@ def train_model(
     *, recipe: Recipe, out: Path, name: str | None = None, version: int = 1, command: str, progress: bool = True
 ) -> ExportedModel:
     """Train ``recipe`` with DP-SGD and write the int8 artifact to ``out/<name>/<version>``."""
+    name = validate_model_name(name or model_name(recipe.dataset, recipe.architecture, recipe.training.epsilon))
     dataset = load_dataset(recipe.dataset)
     return export_trained(
         trained=train_private(recipe, dataset, progress=progress),
         dataset=dataset,
         recipe=recipe,
         out=out,
-        name=name or model_name(recipe.dataset, recipe.architecture, recipe.training.epsilon),
+        name=name,
         version=version,
         command=command,
     )

@@ -23,7 +23,7 @@ class Recipe(BaseModel):
 
 _DEFAULTS: dict[tuple[str, str], tuple[dict[str, int], dict[str, float | int]]] = {
     ("mnist", "cnn"): (
-        {"kernel": 7, "stride": 1, "padding": 3, "scales": 2, "orientations": 8, "pool": 4, "hidden": 0},
+        {"kernel": 11, "stride": 1, "padding": 5, "scales": 3, "orientations": 8, "pool": 4, "hidden": 0},
         {"epochs": 40, "batch_size": 1024, "learning_rate": 2.0, "momentum": 0.9, "max_grad_norm": 0.1},
     ),
     ("mnist", "mlp"): (
@@ -37,6 +37,10 @@ _DEFAULTS: dict[tuple[str, str], tuple[dict[str, int], dict[str, float | int]]] 
     ("digits", "mlp"): (
         {"hidden": 32},
         {"epochs": 10, "batch_size": 64, "learning_rate": 0.1, "momentum": 0.9, "max_grad_norm": 1.0},
+    ),
+    ("breast_cancer", "linear"): (
+        {},
+        {"epochs": 30, "batch_size": 64, "learning_rate": 0.1, "momentum": 0.9, "max_grad_norm": 1.0},
     ),
     ("breast_cancer", "mlp"): (
         {"hidden": 16},

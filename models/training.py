@@ -40,7 +40,9 @@ class TrainingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     epsilon: float = Field(gt=0, description="target epsilon; inf trains the non-private baseline")
-    delta: float | None = Field(default=None, gt=0, lt=1, description="default: a power of ten below 1/n")
+    delta: float | None = Field(
+        default=None, gt=0, lt=1, description="default: the largest power of ten at most 1/(10 n)"
+    )
     epochs: int = Field(gt=0)
     batch_size: int = Field(gt=0, description="expected batch size under Poisson sampling")
     learning_rate: float = Field(gt=0)
@@ -58,8 +60,12 @@ class TrainedModel:
 
 
 def default_delta(n: int) -> float:
-    """The largest power of ten strictly below ``1/n`` (MNIST's 59,000 examples give 1e-5)."""
-    return 10.0 ** (math.ceil(math.log10(1.0 / n)) - 1)
+    """The largest power of ten at most ``1/(10 n)``: well below ``1/n``, as DP guidance asks.
+
+    MNIST's 59,000 private examples give 1e-6 (the bundled models pass 1e-5, the literature's
+    value, explicitly); breast_cancer's 398 give 1e-4.
+    """
+    return 10.0 ** math.floor(math.log10(1.0 / (10 * n)))
 
 
 def validate_delta(delta: float, n: int) -> float:
@@ -173,7 +179,7 @@ def train(*, module, dataset: Dataset, config: TrainingConfig, progress: bool = 
                     loss=f"{running_loss / seen:.3f}", acc=f"{correct / seen:.3f}", eps=f"{epsilon:.2f}", refresh=False
                 )
         if private:
-            epsilon = engine.accountant.get_epsilon(delta)
+            epsilon = _spent(engine.accountant, delta)
         if progress:
             tqdm.write(
                 f"epoch {epoch + 1}/{config.epochs}: loss {running_loss / max(seen, 1):.3f}, "
@@ -205,4 +211,12 @@ def recompute_epsilon(record: DPRecord) -> float:
         return math.inf
     accountant = opacus.accountants.PRVAccountant()
     accountant.history = [(record.noise_multiplier, record.sample_rate, record.steps)]
-    return accountant.get_epsilon(record.delta)
+    return _spent(accountant, record.delta)
+
+
+def _spent(accountant, delta: float) -> float:
+    """The PRV accountant's epsilon; it warns when the RDP bound it uses to size its grid is
+    loose, which does not affect the PRV epsilon it returns."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Optimal order is the largest alpha.*")
+        return accountant.get_epsilon(delta)

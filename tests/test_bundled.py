@@ -11,7 +11,7 @@ from models.repository import ModelRepository
 from models.training import recompute_epsilon
 
 EXPECTED = {f"mnist-{arch}-eps{eps}" for arch in ("cnn", "mlp") for eps in ("1", "3", "8", "inf")} | {
-    "breast-cancer-mlp-eps3"
+    "breast-cancer-linear-eps3"
 }
 
 

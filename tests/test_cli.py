@@ -26,7 +26,7 @@ def test_train_writes_an_artifact_with_its_exact_command(tmp_path, capsys):
     assert main(argv) == 0
     manifest = json.loads((tmp_path / "breast-cancer-mlp-eps3" / "1" / MANIFEST_FILE).read_text())
     assert manifest["training"]["command"] == "hegate " + " ".join(argv)
-    assert manifest["dp"]["delta"] == 1e-3
+    assert manifest["dp"]["delta"] == 1e-4
     out = capsys.readouterr().out
     assert "breast-cancer-mlp-eps3" in out and "wrote" in out
 
@@ -61,3 +61,22 @@ def test_missing_train_extra_names_the_install_command(tmp_path):
     assert result.returncode == 2
     assert "pip install 'hegate[train]'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_bad_model_name_is_refused_before_training(tmp_path, capsys):
+    argv = [
+        "train",
+        "--dataset",
+        "mnist",
+        "--arch",
+        "cnn",
+        "--epsilon",
+        "3",
+        "--name",
+        "My Model",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(argv) == 2
+    assert "model name 'My Model' must be lower-case" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

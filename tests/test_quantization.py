@@ -44,10 +44,21 @@ def test_extreme_weights_saturate_to_int8_range():
     assert INT8_MAX == 63  # reduce range: no int16 saturation in onnxruntime's AVX2 kernels
 
 
+def _dense(out: int, inp: int) -> Dense:
+    return Dense(np.ones((out, inp), np.float32), np.zeros(out, np.float32))
+
+
 def test_quantize_network_needs_one_range_per_layer():
-    layers = [Flatten(), Dense(np.ones((2, 3), np.float32), np.zeros(2, np.float32)), Square()]
-    with pytest.raises(InvalidArgumentError, match="need 4 calibration ranges"):
-        quantize_network(layers, [(0.0, 1.0)] * 3)
-    network = quantize_network(layers, [(0.0, 1.0)] * 4)
+    layers = [Flatten(), _dense(4, 3), Square(), _dense(2, 4)]
+    with pytest.raises(InvalidArgumentError, match="need 5 calibration ranges"):
+        quantize_network(layers, [(0.0, 1.0)] * 4)
+    network = quantize_network(layers, [(0.0, 1.0)] * 5)
     assert network.layers[0].output is None  # flatten passes its input's parameters through
     assert network.layers[1].bias_q.dtype == np.int32
+    assert network.layers[2].output is not None
+    assert network.layers[3].output is None  # float logits, not requantized
+
+
+def test_network_must_end_with_a_weighted_layer():
+    with pytest.raises(InvalidArgumentError, match="last layer must be dense or conv, got Square"):
+        quantize_network([_dense(2, 3), Square()], [(0.0, 1.0)] * 3)

@@ -15,10 +15,11 @@ def _train(digits, **overrides):
     return train_private(recipe_for("digits", "mlp", **{"epochs": 2, **overrides}), digits, progress=False)
 
 
-def test_default_delta_is_a_power_of_ten_below_one_over_n():
-    assert default_delta(59000) == pytest.approx(1e-5)
-    assert default_delta(398) == pytest.approx(1e-3)
+def test_default_delta_is_a_power_of_ten_well_below_one_over_n():
+    assert default_delta(59000) == pytest.approx(1e-6)
+    assert default_delta(398) == pytest.approx(1e-4)
     assert default_delta(1000) == pytest.approx(1e-4)
+    assert default_delta(1001) == pytest.approx(1e-5)
 
 
 @pytest.mark.parametrize("delta", [0.0, 1e-2, 1 / 1257])
