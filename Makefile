@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CORE_STAMP := $(VENV)/.installed-core
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: serve test models bench-pipeline bundled clean
+.PHONY: serve test models bench-pipeline bench-kernels bundled clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ models: $(CORE_STAMP)
 
 bench-pipeline: $(DEV_STAMP)
 	$(BIN)/python -m bench.pipeline
+
+bench-kernels: $(DEV_STAMP)
+	$(BIN)/python -m bench.kernels
 
 # Retrain every bundled model (about 10 minutes); these are the commands their manifests record.
 # The non-private baselines clip looser (with no noise, the DP recipes' tight clip only slows them).

@@ -1,0 +1,377 @@
+"""The numba kernels: one function per operation, each over one chunk of samples.
+
+Every function here reproduces onnxruntime's arithmetic bit for bit (see
+:mod:`kernels.arithmetic` for what that arithmetic is and how it was established). Two rules
+keep the float32 steps identical to onnxruntime's:
+
+* float32 stays float32: every constant is ``np.float32`` and integers reach float32 through
+  ``np.int32`` (numba would otherwise widen to float64, and the AVX2 conversion from int64 does
+  not vectorize);
+* no fast-math: numba does not reassociate or contract ``a * b + c`` into an FMA unless asked,
+  and onnxruntime rounds the product before the add.
+
+The epilogues (requantize, then square or ReLU) are written as separate loops per activation
+so that LLVM vectorizes each one; the integer products run in :mod:`kernels.simd` tiles.
+Callers (:mod:`kernels.executor`) guarantee every shape; nothing is bounds-checked here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from kernels.program import ACT_RELU, ACT_SQUARE, CONV_PIXEL_BLOCK, NCHW
+from kernels.simd import (
+    COLUMN_ALIGN,
+    TILE_COLS,
+    TILE_ROWS,
+    accumulate_dequantized,
+    indirect_1x8,
+    indirect_1x16,
+    indirect_2x8,
+    indirect_2x16,
+    indirect_3x8,
+    indirect_3x16,
+    indirect_4x8,
+    indirect_4x16,
+    tile_1x8,
+    tile_1x16,
+    tile_2x8,
+    tile_2x16,
+    tile_3x8,
+    tile_3x16,
+    tile_4x8,
+    tile_4x16,
+)
+
+_F0 = np.float32(0.0)
+_F255 = np.float32(255.0)
+_INT32_LIMIT = np.float32(2.0**31)
+_JIT = dict(cache=True, nogil=True, boundscheck=False)
+
+
+@njit(**_JIT)
+def quantize_rows(x, out, features, scale, zero_point):
+    """QuantizeLinear of float32 rows ``x[:, :features]`` into uint8 ``out``."""
+    low = np.float32(-zero_point)
+    high = np.float32(255 - zero_point)
+    zero = np.float32(zero_point)
+    for r in range(x.shape[0]):
+        src = x[r]
+        dst = out[r]
+        for j in range(features):
+            v = src[j] / scale
+            v = v if v > low else low  # NaN takes ``low``, as maxps does
+            v = v if v < high else high
+            dst[j] = np.uint8(np.rint(v) + zero)
+
+
+@njit(**_JIT)
+def dequantize_rows(q, out, n, scale, zero_point, layout, channels, channel_stride):
+    """DequantizeLinear: ``float32(q - zp) * scale``; a channels-last map comes out in NCHW order."""
+    pixels = n // channels
+    for r in range(q.shape[0]):
+        src = q[r]
+        dst = out[r]
+        if layout == NCHW:
+            for j in range(n):
+                dst[j] = np.float32(np.int32(np.int32(src[j]) - zero_point)) * scale
+        else:
+            for c in range(channels):
+                for p in range(pixels):
+                    dst[c * pixels + p] = (
+                        np.float32(np.int32(np.int32(src[p * channel_stride + c]) - zero_point)) * scale
+                    )
+
+
+@njit(inline="always")
+def _requantized(acc, bias, multiplier, low, high):
+    """``q - zp`` of MlasRequantizeOutput as float32: scale, round half to even, clamp.
+
+    onnxruntime clamps before rounding; with integer bounds the order makes no difference, and
+    rounding first (with ``min``/``max``, never NaN here) lets LLVM vectorize about twice as
+    well as the select-based clamp.
+    """
+    return min(max(np.rint(np.float32(np.int32(acc + bias)) * multiplier), low), high)
+
+
+@njit(inline="always")
+def _square(r, ratio, zero):
+    """QLinearMul of ``r = q - zp`` with itself: ``r * r * ratio + zp``, rounded, packed to uint8.
+
+    ``g`` is never negative (positive scales); at or above 2**31 ``cvtps2dq`` gives INT32_MIN,
+    which the packs turn into 0.
+    """
+    g = r * r * ratio + zero
+    t = min(max(np.rint(g), _F0), _F255)
+    return np.uint8(t if g < _INT32_LIMIT else _F0)
+
+
+@njit(inline="always")
+def _relu(r, scale, output_scale, low, high, zero):
+    """Dequantize ``r = q - zp``, ReLU, quantize (QuantizeLinear's rounding)."""
+    y = max(r * scale, _F0)
+    return np.uint8(min(max(np.rint(y / output_scale), low), high) + zero)
+
+
+@njit(**_JIT)
+def _requantize(sums, n, bias, multiplier, zero_point, act, act_zero, act_a, act_b, out):
+    """Requantize ``n`` int32 sums (per-element bias and multiplier) into uint8 ``out``, then activate.
+
+    Called once per dense-layer row or per convolution block (pixels x channels, with bias and
+    multiplier tiled to that shape): one long loop that LLVM vectorizes, where many short
+    per-channel loops would cost more in calls, alias checks and scalar remainders.
+    """
+    low, high, zero = np.float32(-zero_point), np.float32(255 - zero_point), np.float32(zero_point)
+    low2, high2, zero2 = np.float32(-act_zero), np.float32(255 - act_zero), np.float32(act_zero)
+    if act == ACT_SQUARE:
+        for j in range(n):
+            out[j] = _square(_requantized(sums[j], bias[j], multiplier[j], low, high), act_a, zero2)
+    elif act == ACT_RELU:
+        for j in range(n):
+            out[j] = _relu(_requantized(sums[j], bias[j], multiplier[j], low, high), act_a, act_b, low2, high2, zero2)
+    else:
+        for j in range(n):
+            out[j] = np.uint8(_requantized(sums[j], bias[j], multiplier[j], low, high) + zero)
+
+
+@njit(**_JIT)
+def elementwise_rows(q, out, n, input_zero, act, act_zero, act_a, act_b):
+    """A standalone square (QLinearMul) or ReLU (float Relu between DQ and Q) on uint8 rows."""
+    low2, high2, zero2 = np.float32(-act_zero), np.float32(255 - act_zero), np.float32(act_zero)
+    for r in range(q.shape[0]):
+        src = q[r]
+        dst = out[r]
+        if act == ACT_SQUARE:
+            for j in range(n):
+                dst[j] = _square(np.float32(np.int32(np.int32(src[j]) - input_zero)), act_a, zero2)
+        elif act == ACT_RELU:
+            for j in range(n):
+                d = np.float32(np.int32(np.int32(src[j]) - input_zero))
+                dst[j] = _relu(d, act_a, act_b, low2, high2, zero2)
+        else:
+            dst[:n] = src[:n]
+
+
+@njit(**_JIT)
+def _tile_rows(x, r0, rows, weights, k_groups, n_padded, sums, s0, ones):
+    """Sums of ``rows`` (<= 4) uint8 rows ``x[r0:]`` times every packed weight column, into ``sums[s0:]``."""
+    for p in range(weights.shape[0]):
+        c0 = p * TILE_COLS
+        panel = weights[p]
+        wide = c0 + TILE_COLS <= n_padded
+        if rows == 4:
+            if wide:
+                tile_4x16(x, r0, panel, 0, k_groups, sums, s0, c0, ones)
+            else:
+                tile_4x8(x, r0, panel, 0, k_groups, sums, s0, c0, ones)
+        elif rows == 3:
+            if wide:
+                tile_3x16(x, r0, panel, 0, k_groups, sums, s0, c0, ones)
+            else:
+                tile_3x8(x, r0, panel, 0, k_groups, sums, s0, c0, ones)
+        elif rows == 2:
+            if wide:
+                tile_2x16(x, r0, panel, 0, k_groups, sums, s0, c0, ones)
+            else:
+                tile_2x8(x, r0, panel, 0, k_groups, sums, s0, c0, ones)
+        elif wide:
+            tile_1x16(x, r0, panel, 0, k_groups, sums, s0, c0, ones)
+        else:
+            tile_1x8(x, r0, panel, 0, k_groups, sums, s0, c0, ones)
+
+
+@njit(**_JIT)
+def gemm_rows(
+    x, out, weights, k_groups, n, n_padded, bias, multiplier, zero_point, act, act_zero, act_a, act_b, sums, ones
+):
+    """QGemm with a fused activation on uint8 rows ``x`` [rows, >= 4 * k_groups] into ``out``.
+
+    ``weights`` is packed in panels [panels, k_groups, 64] (see :mod:`kernels.program`), ``sums`` an
+    int32 scratch of at least [4, n_padded]. Four rows at a time: their sums stay in L1.
+    """
+    rows = x.shape[0]
+    for r0 in range(0, rows, TILE_ROWS):
+        mr = min(TILE_ROWS, rows - r0)
+        _tile_rows(x, r0, mr, weights, k_groups, n_padded, sums, 0, ones)
+        for i in range(mr):
+            _requantize(sums[i], n, bias, multiplier, zero_point, act, act_zero, act_a, act_b, out[r0 + i])
+
+
+@njit(**_JIT)
+def gemm_rows_to_float(x, out, weights, k_groups, n, n_padded, bias, multiplier, sums, ones):
+    """QGemm with a float output (the last layer): ``float32(sum + bias) * (x_scale * w_scale)``."""
+    rows = x.shape[0]
+    for r0 in range(0, rows, TILE_ROWS):
+        mr = min(TILE_ROWS, rows - r0)
+        _tile_rows(x, r0, mr, weights, k_groups, n_padded, sums, 0, ones)
+        for i in range(mr):
+            acc = sums[i]
+            dst = out[r0 + i]
+            for j in range(n):
+                dst[j] = np.float32(np.int32(acc[j] + bias[j])) * multiplier[j]
+
+
+@njit(**_JIT)
+def _indirect_rows(plane, bases, r0, rows, groups, weights, k_groups, n_padded, sums, ones):
+    """Sums of ``rows`` (<= 4) output pixels (``bases[r0:]`` into ``plane``) times every filter, into ``sums[r0:]``."""
+    for p in range(weights.shape[0]):
+        c0 = p * TILE_COLS
+        panel = weights[p]
+        wide = c0 + TILE_COLS <= n_padded
+        if rows == 4:
+            if wide:
+                indirect_4x16(plane, bases, r0, groups, panel, 0, k_groups, sums, r0, c0, ones)
+            else:
+                indirect_4x8(plane, bases, r0, groups, panel, 0, k_groups, sums, r0, c0, ones)
+        elif rows == 3:
+            if wide:
+                indirect_3x16(plane, bases, r0, groups, panel, 0, k_groups, sums, r0, c0, ones)
+            else:
+                indirect_3x8(plane, bases, r0, groups, panel, 0, k_groups, sums, r0, c0, ones)
+        elif rows == 2:
+            if wide:
+                indirect_2x16(plane, bases, r0, groups, panel, 0, k_groups, sums, r0, c0, ones)
+            else:
+                indirect_2x8(plane, bases, r0, groups, panel, 0, k_groups, sums, r0, c0, ones)
+        elif wide:
+            indirect_1x16(plane, bases, r0, groups, panel, 0, k_groups, sums, r0, c0, ones)
+        else:
+            indirect_1x8(plane, bases, r0, groups, panel, 0, k_groups, sums, r0, c0, ones)
+
+
+@njit(**_JIT)
+def _pad_image(image, padded, layout, channels, height, width, padded_h, padded_w, pixel_bytes, top, left, zero):
+    """Copy one image into a plane filled with its zero point (padding then contributes 0).
+
+    NCHW images copy plane by plane; channels-last ones row by row (``pixel_bytes`` per pixel,
+    the stored tensor's padded channel count).
+    """
+    if layout == NCHW:
+        padded[: channels * padded_h * padded_w] = np.uint8(zero)
+        for c in range(channels):
+            for h in range(height):
+                dst = (c * padded_h + h + top) * padded_w + left
+                padded[dst : dst + width] = image[(c * height + h) * width : (c * height + h + 1) * width]
+    else:
+        padded[: padded_h * padded_w * pixel_bytes] = np.uint8(zero)
+        row = width * pixel_bytes
+        for h in range(height):
+            dst = ((h + top) * padded_w + left) * pixel_bytes
+            padded[dst : dst + row] = image[h * row : (h + 1) * row]
+
+
+@njit(**_JIT)
+def conv_rows(
+    x, out, weights, bias, multiplier, groups, geometry, input_zero, zero_point, act, act_zero, act_a, act_b,
+    scratch, acc, ones,
+):  # fmt: skip
+    """QLinearConv with a fused activation, one image at a time, writing NHWC.
+
+    ``geometry`` holds the first 16 fields of ``program.CONV_FIELDS``. The image is copied once
+    into a padded plane; then per block of output pixels, the indirect tiles read each pixel's
+    receptive field straight from that plane (base offset per pixel, group offset per four k),
+    and one epilogue loop requantizes the block into the NHWC output (``bias`` and
+    ``multiplier`` are tiled to [block, padded channels]).
+    """
+    in_channels, height, width, _, stride_h, stride_w, out_h, out_w = geometry[:8]
+    padded_h, padded_w, k_groups, top, left, layout, channel_stride, n_padded = geometry[8:16]
+    pixels = out_h * out_w
+    block = CONV_PIXEL_BLOCK
+    pixel_bytes = 1 if layout == NCHW else channel_stride
+    plane = padded_h * padded_w * (in_channels if layout == NCHW else channel_stride)
+    padded = scratch[:plane]
+    sums = acc[: block * n_padded].reshape(block, n_padded)
+    flat_sums = acc[: block * n_padded]
+    bases = acc[block * n_padded : block * n_padded + block]
+    for r in range(x.shape[0]):
+        _pad_image(
+            x[r], padded, layout, in_channels, height, width, padded_h, padded_w, pixel_bytes, top, left, input_zero
+        )
+        image_out = out[r]
+        for p0 in range(0, pixels, block):
+            count = min(block, pixels - p0)
+            oh = p0 // out_w
+            ow = p0 - oh * out_w
+            for j in range(count):
+                bases[j] = (oh * stride_h * padded_w + ow * stride_w) * pixel_bytes
+                ow += 1
+                if ow == out_w:
+                    ow = 0
+                    oh += 1
+            for j0 in range(0, count, TILE_ROWS):
+                _indirect_rows(
+                    padded, bases, j0, min(TILE_ROWS, count - j0), groups, weights, k_groups, n_padded, sums, ones
+                )
+            n = count * n_padded
+            _requantize(
+                flat_sums, n, bias, multiplier, zero_point, act, act_zero, act_a, act_b,
+                image_out[p0 * n_padded : p0 * n_padded + n],
+            )  # fmt: skip
+
+
+@njit(**_JIT)
+def pool_rows(x, out, geometry, input_scale, input_zero, output_scale, zero_point, sums):
+    """QLinearAveragePool, general case: float32 window sums in row-major window order.
+
+    ``geometry`` holds the first 13 fields of ``program.POOL_FIELDS``. Channels-last inputs
+    (``channels`` a multiple of 8) accumulate whole pixels with vector instructions; an NCHW
+    input (only when pooling a multi-channel network input) takes a scalar loop. ``sums`` is a
+    float32 scratch of at least ``channels``.
+    """
+    channels, height, width, kernel_h, kernel_w, stride_h, stride_w, top, left, out_h, out_w = geometry[:11]
+    count_include_pad, layout = geometry[11], geometry[12]
+    zero = np.float32(zero_point)
+    vectors = channels // COLUMN_ALIGN
+    for r in range(x.shape[0]):
+        src = x[r]
+        dst = out[r]
+        for ph in range(out_h):
+            h0 = ph * stride_h - top
+            h1 = min(h0 + kernel_h, height)
+            h0 = max(h0, 0)
+            for pw in range(out_w):
+                w0 = pw * stride_w - left
+                w1 = min(w0 + kernel_w, width)
+                w0 = max(w0, 0)
+                count = kernel_h * kernel_w if count_include_pad else (h1 - h0) * (w1 - w0)
+                divisor = np.float32(count)
+                for c in range(channels):
+                    sums[c] = _F0
+                if layout == NCHW:
+                    for c in range(channels):
+                        total = _F0
+                        for h in range(h0, h1):
+                            for w in range(w0, w1):
+                                q = np.int32(src[(c * height + h) * width + w])
+                                total += np.float32(np.int32(q - input_zero)) * input_scale
+                        sums[c] = total
+                else:
+                    for h in range(h0, h1):
+                        for w in range(w0, w1):
+                            accumulate_dequantized(
+                                sums, src, (h * width + w) * channels, vectors, input_zero, input_scale
+                            )
+                for c in range(channels):
+                    v = (sums[c] / divisor) / output_scale + zero
+                    inside = (v < _INT32_LIMIT) & (v >= -_INT32_LIMIT)  # else INT32_MIN, clamped to 0
+                    t = min(max(np.rint(v), _F0), _F255) if inside else _F0
+                    at = (c * out_h + ph) * out_w + pw if layout == NCHW else (ph * out_w + pw) * channels + c
+                    dst[at] = np.uint8(t)
+
+
+@njit(**_JIT)
+def global_pool_rows(x, out, layout, channels, size, input_zero, multiplier, zero_point):
+    """QLinearGlobalAveragePool: exact int32 sums, requantized like QGemm."""
+    low = np.float32(-zero_point)
+    high = np.float32(255 - zero_point)
+    zero = np.float32(zero_point)
+    for r in range(x.shape[0]):
+        src = x[r]
+        dst = out[r]
+        for c in range(channels):
+            total = 0
+            for i in range(size):
+                total += np.int32(src[c * size + i] if layout == NCHW else src[i * channels + c])
+            rounded = min(max(np.rint(np.float32(np.int32(total - input_zero * size)) * multiplier), low), high)
+            dst[c] = np.uint8(rounded + zero)

@@ -1,0 +1,95 @@
+"""Whole models: the numba kernels against onnxruntime on the digits fixtures and every bundled model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gateway.cli import BUNDLED_REPOSITORY
+from kernels import NumbaModel
+from kernels.compiler import compile_file
+from kernels.plan import Gemm
+from models import onnx_runtime
+from models.repository import ModelArtifact, load_artifact
+
+BUNDLED = sorted(path.parent for path in BUNDLED_REPOSITORY.glob("*/*/manifest.json"))
+
+
+def _output_step(path: Path) -> float:
+    """One quantization step of the logits: the output tensor's scale, or for float logits written by
+    the last Gemm, one unit of its int32 sums (input scale x weight scale, the largest over outputs)."""
+    plan = compile_file(path)
+    last = plan.steps[-1]
+    if isinstance(last, Gemm) and last.output is None:
+        return float(np.float32(plan.tensors[last.source].params.scale) * last.weight_scale.max())
+    return plan.tensors[last.source].params.scale
+
+
+def _assert_matches_onnxruntime(path: Path, x: np.ndarray, *, threads: int = 1) -> np.ndarray:
+    logits = NumbaModel.load(path, threads=threads).predict_logits(x)
+    expected = onnx_runtime.predict_logits(onnx_runtime.create_session(path), x)
+    assert np.abs(logits - expected).max() <= _output_step(path) * 1.0001, "more than one quantization step apart"
+    np.testing.assert_array_equal(logits.argmax(axis=1), expected.argmax(axis=1))
+    np.testing.assert_array_equal(logits, expected)  # in fact bit-identical: same integer arithmetic
+    return logits
+
+
+@pytest.fixture(scope="module")
+def digits_models(trained_repo) -> list[Path]:
+    return sorted(trained_repo.glob("*/1/model.onnx"))
+
+
+def test_digits_models_match_onnxruntime(digits_models, digits):
+    x = digits.normalize(digits.test.x)
+    for path in digits_models:
+        logits = _assert_matches_onnxruntime(path, x)
+        assert (logits.argmax(axis=1) == digits.test.y).mean() > 0.5
+
+
+def test_exported_cnn_matches_onnxruntime_on_two_threads(exported_cnn, digits):
+    _assert_matches_onnxruntime(exported_cnn.artifact.onnx_path, digits.normalize(digits.test.x), threads=2)
+
+
+def test_result_for_one_input_does_not_depend_on_its_batch(digits_models, digits):
+    x = digits.normalize(digits.test.x[:67])
+    outliers = np.stack([np.full_like(x[0], 1e4), np.full_like(x[0], -1e4), np.full_like(x[0], np.nan)])
+    for path in digits_models:
+        for threads in (1, 2):
+            model = NumbaModel.load(path, threads=threads)
+            alone = np.concatenate([model.predict_logits(x[i : i + 1]) for i in range(len(x))])
+            np.testing.assert_array_equal(model.predict_logits(x), alone)
+            np.testing.assert_array_equal(model.predict_logits(np.concatenate([outliers, x, outliers]))[3:-3], alone)
+            np.testing.assert_array_equal(model.predict_logits(x[::-1])[::-1], alone)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8, 64, 255, 4096])
+def test_every_batch_size_runs_the_same_code(digits_models, digits, batch):
+    x = digits.normalize(digits.test.x)
+    x = np.resize(x, (batch, *x.shape[1:]))
+    for path in digits_models:
+        expected = onnx_runtime.predict_logits(onnx_runtime.create_session(path), x)
+        for threads in (1, 2):
+            np.testing.assert_array_equal(NumbaModel.load(path, threads=threads).predict_logits(x), expected)
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    from models.data import load_dataset
+
+    return load_dataset("mnist")
+
+
+@pytest.mark.parametrize("directory", BUNDLED, ids=[f"{d.parent.name}/{d.name}" for d in BUNDLED])
+def test_bundled_model_matches_onnxruntime_on_its_whole_test_set(directory, request):
+    artifact: ModelArtifact = load_artifact(directory)
+    if artifact.manifest.dataset == "mnist":
+        dataset = request.getfixturevalue("mnist")
+    else:
+        from models.data import load_dataset
+
+        dataset = load_dataset(artifact.manifest.dataset)
+    x = artifact.manifest.input.normalization.apply(dataset.test.x)  # = dataset.normalize(x)
+    logits = _assert_matches_onnxruntime(artifact.onnx_path, x)
+    assert len(logits) == len(dataset.test.y)

@@ -1,0 +1,214 @@
+"""The numba kernels against the numpy reference: random shapes (odd sizes included), extreme
+uint8/int8 values and saturated outputs, one operator (or a short chain) at a time."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kernels import arithmetic, ops, reference
+from kernels.compiler import compile_model
+from kernels.executor import ONES, NumbaModel
+from kernels.program import PAIR_LIMIT, _pack
+from kernels.testing import QdqGraph, random_weights
+from models.quantization import QuantParams
+
+SEEDS = range(8)
+
+
+def _extreme_inputs(rng: np.random.Generator, shape: tuple[int, ...], params: QuantParams) -> np.ndarray:
+    """Floats whose codes are often exactly 0 or 255 (and a few far outside the range)."""
+    codes = rng.integers(0, 256, shape)
+    codes[rng.random(shape) < 0.15] = 0
+    codes[rng.random(shape) < 0.15] = 255
+    x = arithmetic.dequantize(codes.astype(np.uint8), params.scale, params.zero_point)
+    x[rng.random(shape) < 0.02] *= np.float32(50)
+    return x
+
+
+def _params(rng: np.random.Generator, scale_low: float, scale_high: float) -> QuantParams:
+    return QuantParams(float(np.float32(rng.uniform(scale_low, scale_high))), int(rng.integers(0, 256)))
+
+
+def _assert_kernels_match_reference(graph: QdqGraph, x: np.ndarray, *, threads: int = 1) -> np.ndarray:
+    plan = compile_model(graph.build())
+    got = NumbaModel(plan, threads=threads).predict_logits(x)
+    np.testing.assert_array_equal(got, reference.run(plan, x))
+    return got
+
+
+def _saturation(got: np.ndarray, params: QuantParams) -> tuple[float, float]:
+    codes = np.rint(got / np.float32(params.scale)) + params.zero_point
+    return float((codes == 0).mean()), float((codes == 255).mean())
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_gemm_random_shapes(seed):
+    rng = np.random.default_rng(seed)
+    k, n, batch = int(rng.integers(1, 300)), int(rng.integers(1, 70)), int(rng.integers(1, 14))
+    source = _params(rng, 0.01, 0.1)
+    output = _params(rng, 0.05, 2.0)
+    graph = QdqGraph([k], source)
+    graph.gemm(random_weights(rng, (n, k)), rng.uniform(0.001, 0.02, n), rng.integers(-20000, 20000, n), output)
+    activation = seed % 3
+    if activation == 1:
+        graph.square(_params(rng, 0.5, 50))
+    elif activation == 2:
+        graph.relu(_params(rng, 0.05, 2.0))
+    _assert_kernels_match_reference(graph, _extreme_inputs(rng, (batch, k), source))
+
+
+def test_gemm_saturates_both_ways():
+    rng = np.random.default_rng(10)
+    source, output = QuantParams(0.05, 128), QuantParams(0.01, 128)
+    graph = QdqGraph([64], source).gemm(random_weights(rng, (24, 64)), np.full(24, 0.01), np.zeros(24), output)
+    got = _assert_kernels_match_reference(graph, _extreme_inputs(rng, (9, 64), source))
+    low, high = _saturation(got, output)
+    assert low > 0.1 and high > 0.1
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_conv_random_geometry(seed):
+    rng = np.random.default_rng(100 + seed)
+    channels, height, width = int(rng.integers(1, 5)), int(rng.integers(3, 15)), int(rng.integers(3, 15))
+    kernel = (int(rng.integers(1, min(height, 6) + 1)), int(rng.integers(1, min(width, 6) + 1)))
+    strides = (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
+    pads = tuple(int(p) for p in rng.integers(0, 3, 4))
+    out_channels, batch = int(rng.integers(1, 41)), int(rng.integers(1, 6))
+    source = _params(rng, 0.01, 0.05)
+    graph = QdqGraph([channels, height, width], source)
+    weight = random_weights(rng, (out_channels, channels, *kernel))
+    scale, bias = rng.uniform(0.002, 0.01, out_channels), rng.integers(-5000, 5000, out_channels)
+    graph.conv(
+        weight, scale, bias, _params(rng, 0.005, 0.2),
+        strides=strides, pads=pads,
+    )  # fmt: skip
+    if seed % 2:
+        graph.square(_params(rng, 0.05, 3.0))
+    if seed % 4 == 3:  # a second convolution reads the first one's channels-last output
+        c2 = int(rng.integers(1, 12))
+        graph.conv(
+            random_weights(rng, (c2, out_channels, 1, 2)),
+            rng.uniform(0.002, 0.01, c2),
+            rng.integers(-99, 99, c2),
+            _params(rng, 0.05, 0.5),
+            pads=(0, 1, 0, 0),
+        )
+    _assert_kernels_match_reference(graph.flatten(), _extreme_inputs(rng, (batch, channels, height, width), source))
+
+
+def test_activation_after_flattening_a_channels_last_map():
+    rng = np.random.default_rng(12)
+    source = QuantParams(0.02, 120)
+    graph = QdqGraph([2, 6, 5], source)
+    graph.conv(random_weights(rng, (11, 2, 3, 3)), np.full(11, 0.01), np.zeros(11), QuantParams(0.05, 100))
+    graph.flatten().square(QuantParams(0.05, 0)).relu(QuantParams(0.03, 5))
+    graph.gemm(random_weights(rng, (7, graph.shape[0])), np.full(7, 0.01), rng.integers(-99, 99, 7), None)
+    _assert_kernels_match_reference(graph, _extreme_inputs(rng, (5, 2, 6, 5), source))
+
+
+def test_conv_mnist_shape_saturates_both_ways():
+    rng = np.random.default_rng(11)
+    source, output = QuantParams(0.013, 20), QuantParams(0.004, 128)
+    graph = QdqGraph([1, 28, 28], source)
+    graph.conv(
+        random_weights(rng, (33, 1, 7, 7)), np.full(33, 0.01), rng.integers(-99, 99, 33), output, pads=(3, 3, 3, 3)
+    )
+    got = _assert_kernels_match_reference(graph.flatten(), _extreme_inputs(rng, (3, 1, 28, 28), source))
+    low, high = _saturation(got, output)
+    assert low > 0.05 and high > 0.05
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_average_pool_random_geometry(seed):
+    rng = np.random.default_rng(200 + seed)
+    channels, height, width = int(rng.integers(1, 20)), int(rng.integers(2, 12)), int(rng.integers(2, 12))
+    kernel = (int(rng.integers(1, height + 1)), int(rng.integers(1, width + 1)))
+    if seed == 0:
+        kernel = (height, width)  # the whole-image (integer) path
+    strides = (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
+    pads = tuple(int(min(p, k - 1)) for p, k in zip(rng.integers(0, 3, 4), [*kernel, *kernel], strict=True))
+    if seed == 0:
+        pads = (0, 0, 0, 0)
+    source = _params(rng, 0.01, 0.1)
+    graph = QdqGraph([3, height + 2, width + 1], source)
+    if seed % 2:  # pool a convolution's channels-last output, else the NCHW input directly
+        graph.conv(
+            random_weights(rng, (channels, 3, 3, 2)), rng.uniform(0.002, 0.01, channels), np.zeros(channels), source
+        )
+    target = QuantParams(float(np.float32(source.scale * rng.uniform(0.2, 1.5))), int(rng.integers(0, 256)))
+    graph.avg_pool(kernel, target, strides=strides, pads=pads, count_include_pad=bool(seed % 3 == 2))
+    _assert_kernels_match_reference(graph.flatten(), _extreme_inputs(rng, (4, 3, height + 2, width + 1), source))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_standalone_square_and_relu(seed):
+    rng = np.random.default_rng(300 + seed)
+    size = int(rng.integers(1, 500))
+    source = _params(rng, 0.01, 0.1)
+    graph = QdqGraph([size], source)
+    graph.square(_params(rng, 1e-9, 1e-3) if seed == 0 else _params(rng, 1e-3, 1.0))  # seed 0: past int32
+    graph.relu(_params(rng, 0.01, 0.5))
+    _assert_kernels_match_reference(graph, _extreme_inputs(rng, (int(rng.integers(1, 7)), size), source))
+
+
+def test_quantize_handles_nan_inf_and_ties():
+    params = QuantParams(0.02, 37)
+    x = np.concatenate([[np.nan, np.inf, -np.inf, 1e30, -1e30, -0.0], np.arange(-300, 300) * np.float32(0.01)]).astype(
+        np.float32
+    )[None, :]
+    got = _assert_kernels_match_reference(QdqGraph([x.shape[1]], params), x)
+    np.testing.assert_array_equal(got[0, :3], arithmetic.dequantize(np.array([0, 255, 0], np.uint8), 0.02, 37))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tiles_compute_exact_int32_products(seed):
+    rng = np.random.default_rng(400 + seed)
+    rows, k, n = int(rng.integers(1, 5)), int(rng.integers(1, 200)), int(rng.integers(1, 50))
+    a = rng.integers(0, 256, (rows, k)).astype(np.uint8)
+    a[:, ::3] = 255
+    w = random_weights(rng, (n, k))
+    packed, n_padded = _pack("test", w)
+    a_padded = np.zeros((rows, packed.shape[1] * 4), np.uint8)
+    a_padded[:, :k] = a
+    sums = np.zeros((4, n_padded), np.int32)
+    ops._tile_rows(a_padded, 0, rows, packed, packed.shape[1], n_padded, sums, 0, ONES)
+    np.testing.assert_array_equal(sums[:rows, :n], a.astype(np.int64) @ w.astype(np.int64).T)
+
+
+def test_tiles_are_exact_at_the_pair_limit_and_saturate_beyond_it():
+    """|w0| + |w1| = 128 against 255s is the largest exact pair sum; the packer refuses more because
+    vpmaddubsw would clip it (this is onnxruntime's AVX2 behaviour too)."""
+    a = np.full((1, 8), 255, np.uint8)
+    for w_pair, exact in (((65, 63), True), ((-64, -64), True), ((127, 127), False)):
+        rows = np.tile(np.array(w_pair, np.int8), (8, 4))  # 8 output columns of k = 8 weights
+        packed = np.zeros((1, 2, 64), np.int8)  # one panel: [k/4, 16 columns, 4], columns 8-15 unused
+        packed[0, :, :32] = rows.reshape(8, 2, 4).transpose(1, 0, 2).reshape(2, 32)
+        sums = np.zeros((4, 8), np.int32)
+        ops._tile_rows(a, 0, 1, packed, 2, 8, sums, 0, ONES)
+        expected = 255 * int(rows[0].astype(np.int64).sum())
+        assert bool((sums[0] == expected).all()) == exact
+        assert (abs(w_pair[0]) + abs(w_pair[1]) <= PAIR_LIMIT) == exact
+
+
+def test_tiles_compile_to_vpmaddubsw_on_avx2():
+    """The tiles rely on LLVM recognising vpmaddubsw/vpmaddwd in portable IR; an LLVM change that
+    lost the pattern would stay correct but run at half speed, so check the machine code."""
+    import llvmlite.binding as llvm
+    from numba import njit
+
+    from kernels.simd import tile_4x16
+
+    if "+avx2" not in llvm.get_host_cpu_features().flatten().split(","):
+        pytest.skip("no AVX2 on this CPU")
+
+    @njit(cache=False)
+    def probe(a, w, sums, ones):
+        tile_4x16(a, 0, w, 0, 2, sums, 0, 0, ones)
+
+    a, w = np.full((4, 8), 255, np.uint8), np.ones((2, 64), np.int8)
+    sums = np.zeros((4, 16), np.int32)
+    probe(a, w, sums, ONES)
+    np.testing.assert_array_equal(sums, np.full((4, 16), 255 * 8))
+    asm = next(iter(probe.inspect_asm().values()))
+    assert "vpmaddubsw" in asm and "vpmaddwd" in asm
