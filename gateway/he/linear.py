@@ -1,0 +1,143 @@
+"""``y = M x + b`` on one CKKS ciphertext: baby-step / giant-step over M's diagonals.
+
+A matrix acting on a vector of ``S`` slots is the sum of its generalized diagonals, each
+multiplied by the vector rotated by the diagonal's index: ``M x = sum_d diag_d * rot(x, d)`` with
+``diag_d[i] = M[i, (i + d) mod S]``. Writing ``d = g B + b`` moves the rotation by ``g B`` out of
+the inner sum: ``sum_g rot(sum_b rot(diag_d, -g B) * rot(x, b), g B)``, so the evaluator rotates
+the input once per distinct baby step ``b`` and each partial sum once per distinct giant step
+``g B``, instead of once per diagonal. Only non-zero diagonals exist in the plan, and the split
+``B`` is chosen to minimize rotations for the diagonals that do exist (a convolution's matrix has
+few). The rotated diagonals are encoded once, when the model loads, at the level and scale where
+they are used: each is encoded at the scale of the prime that the product then drops, so the
+result comes back at exactly the input's scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import tenseal.sealapi as seal
+
+from models.errors import InvalidArgumentError
+
+
+@dataclass(frozen=True)
+class DiagonalPlan:
+    """The public, key-independent part of one linear layer: which rotations it needs."""
+
+    slots: int
+    baby: int  # B
+    diagonals: dict[int, np.ndarray] = field(repr=False)  # d -> diag_d (length slots), non-zero only
+    bias: np.ndarray | None = field(repr=False)  # length slots, or None
+
+    @property
+    def baby_steps(self) -> list[int]:
+        return sorted({d % self.baby for d in self.diagonals})
+
+    @property
+    def giant_steps(self) -> list[int]:
+        return sorted({d - d % self.baby for d in self.diagonals})
+
+    @property
+    def rotation_steps(self) -> set[int]:
+        """Every rotation step the evaluation uses: the Galois keys the client must make."""
+        return {s for s in self.baby_steps + self.giant_steps if s}
+
+    @property
+    def rotations(self) -> int:
+        return len(self.rotation_steps)
+
+    @property
+    def products(self) -> int:
+        return len(self.diagonals)
+
+
+def _best_baby(indices: np.ndarray, slots: int) -> int:
+    """The split ``B`` that minimizes baby plus giant rotations for these diagonal indices."""
+    best, best_cost = 1, None
+    for baby in range(1, slots + 1):
+        cost = len(np.unique(indices % baby)) + len(np.unique(indices // baby))
+        if best_cost is None or cost < best_cost:
+            best, best_cost = baby, cost
+    return best
+
+
+def plan_matrix(matrix: np.ndarray, bias: np.ndarray | None, *, slots: int) -> DiagonalPlan:
+    """Plan ``y[:m] = matrix @ x[:n] + bias`` for ``x`` packed in slots ``[0, n)``.
+
+    Slots ``[n, S)`` of the input must hold zeros (or values that the matrix's zero columns
+    ignore); slots ``[m, S)`` of the output hold unspecified values.
+    """
+    rows, cols = matrix.shape
+    if rows > slots or cols > slots:
+        raise InvalidArgumentError(f"a {rows}x{cols} matrix does not fit {slots} slots")
+    i, j = np.nonzero(matrix)
+    index = (j - i) % slots
+    diagonals: dict[int, np.ndarray] = {}
+    for d in np.unique(index):
+        diag = np.zeros(slots)
+        mask = index == d
+        diag[i[mask]] = matrix[i[mask], j[mask]]
+        diagonals[int(d)] = diag
+    full_bias = None
+    if bias is not None:
+        full_bias = np.zeros(slots)
+        full_bias[:rows] = bias
+    baby = _best_baby(np.array(sorted(diagonals)), slots) if diagonals else 1
+    return DiagonalPlan(slots=slots, baby=baby, diagonals=diagonals, bias=full_bias)
+
+
+class EncodedLinear:
+    """A :class:`DiagonalPlan` with its plaintexts encoded for one level: server-side, read-only."""
+
+    def __init__(self, plan: DiagonalPlan, *, context: seal.SEALContext, parms_id, input_scale: float) -> None:
+        self.plan = plan
+        encoder = seal.CKKSEncoder(context)
+        data = context.get_context_data(parms_id)
+        dropped_prime = float(data.parms().coeff_modulus()[-1].value())
+        self.input_scale = input_scale
+        self.output_scale = input_scale  # the product's scale, input_scale * prime, divided by the prime
+        next_parms_id = data.next_context_data().parms_id()
+        self._plaintexts: dict[tuple[int, int], seal.Plaintext] = {}
+        for d, diag in plan.diagonals.items():
+            giant, baby = d - d % plan.baby, d % plan.baby
+            plaintext = seal.Plaintext()
+            encoder.encode(np.roll(diag, giant).tolist(), parms_id, dropped_prime, plaintext)
+            self._plaintexts[(giant, baby)] = plaintext
+        self._bias = None
+        if plan.bias is not None:
+            self._bias = seal.Plaintext()
+            encoder.encode(plan.bias.tolist(), next_parms_id, self.output_scale, self._bias)
+
+    def evaluate(self, evaluator: seal.Evaluator, x: seal.Ciphertext, galois_keys: seal.GaloisKeys) -> seal.Ciphertext:
+        """``M x + b``, one level below ``x``."""
+        rotated = {0: x}
+        for step in self.plan.baby_steps:
+            if step:
+                rotated[step] = seal.Ciphertext()
+                evaluator.rotate_vector(x, step, galois_keys, rotated[step])
+        total = None
+        for giant in self.plan.giant_steps:
+            partial = None
+            for baby in self.plan.baby_steps:
+                plaintext = self._plaintexts.get((giant, baby))
+                if plaintext is None:
+                    continue
+                product = seal.Ciphertext()
+                evaluator.multiply_plain(rotated[baby], plaintext, product)
+                if partial is None:
+                    partial = product
+                else:
+                    evaluator.add_inplace(partial, product)
+            evaluator.rescale_to_next_inplace(partial)  # rotate at the lower level: cheaper
+            if giant:
+                evaluator.rotate_vector_inplace(partial, giant, galois_keys)
+            if total is None:
+                total = partial
+            else:
+                evaluator.add_inplace(total, partial)
+        total.scale = self.output_scale
+        if self._bias is not None:
+            evaluator.add_plain_inplace(total, self._bias)
+        return total

@@ -1,0 +1,91 @@
+"""CKKS parameters: chosen from depth and precision, and refused below 128-bit security.
+
+The security limit is the HomomorphicEncryption.org standard's: for ring degree ``N`` the total
+bit count of the modulus (the ciphertext primes plus the special key-switching prime) must not
+exceed ``MAX_MODULUS_BITS[N]`` for 128-bit classical security with a ternary secret. These are
+the values SEAL's ``CoeffModulus.MaxBitCount(N, tc128)`` returns; a test checks them against SEAL.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import tenseal.sealapi as seal
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from models.errors import InvalidArgumentError
+
+MAX_MODULUS_BITS = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
+MAX_PRIME_BITS = 60
+
+
+class CkksParameters(BaseModel):
+    """Ring degree, modulus chain and scale: the public part of a CKKS context.
+
+    ``coeff_modulus_bits`` lists every prime, the special prime last (SEAL's convention). A
+    ciphertext starts with all but the special prime and loses one prime per rescale, so it
+    supports ``depth = len(coeff_modulus_bits) - 2`` rescales before only the first prime is left.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    poly_modulus_degree: int = Field(description="ring degree N; N/2 slots")
+    coeff_modulus_bits: list[int] = Field(min_length=3)
+    scale_bits: int = Field(ge=20, le=MAX_PRIME_BITS)
+
+    @model_validator(mode="after")
+    def _secure(self) -> CkksParameters:
+        limit = MAX_MODULUS_BITS.get(self.poly_modulus_degree)
+        if limit is None:
+            raise ValueError(f"poly_modulus_degree must be one of {sorted(MAX_MODULUS_BITS)}")
+        if any(not 20 <= bits <= MAX_PRIME_BITS for bits in self.coeff_modulus_bits):
+            raise ValueError(f"every prime must have 20 to {MAX_PRIME_BITS} bits")
+        if sum(self.coeff_modulus_bits) > limit:
+            raise ValueError(
+                f"{sum(self.coeff_modulus_bits)} modulus bits exceed the {limit} that N={self.poly_modulus_degree} "
+                "allows at 128-bit security (HomomorphicEncryption.org standard)"
+            )
+        return self
+
+    @property
+    def slots(self) -> int:
+        return self.poly_modulus_degree // 2
+
+    @property
+    def depth(self) -> int:
+        return len(self.coeff_modulus_bits) - 2
+
+    @cached_property
+    def seal_context(self) -> seal.SEALContext:
+        """The SEAL context; SEAL re-checks the 128-bit limit itself."""
+        parms = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
+        parms.set_poly_modulus_degree(self.poly_modulus_degree)
+        parms.set_coeff_modulus(seal.CoeffModulus.Create(self.poly_modulus_degree, self.coeff_modulus_bits))
+        context = seal.SEALContext(parms, True, seal.SEC_LEVEL_TYPE.TC128)
+        if not context.parameters_set():
+            raise InvalidArgumentError(f"SEAL refuses these parameters: {context.parameters_error_message()}")
+        return context
+
+
+def choose_parameters(*, depth: int, slots_needed: int, scale_bits: int = 26, integer_bits: int = 14) -> CkksParameters:
+    """The smallest ring that holds ``slots_needed`` values through ``depth`` rescales.
+
+    Args:
+        depth: multiplicative depth (rescales) of the plan.
+        slots_needed: the widest vector the plan packs into one ciphertext.
+        scale_bits: bits of the scale (the fractional precision of every level).
+        integer_bits: bits above the scale that the first prime keeps for the result's integer
+            part; the last-level value must stay below ``2**integer_bits`` in magnitude.
+
+    Raises:
+        InvalidArgumentError: nothing within 128-bit security fits.
+    """
+    first = min(scale_bits + integer_bits, MAX_PRIME_BITS)
+    bits = [first] + [scale_bits] * depth + [first]
+    for degree, limit in sorted(MAX_MODULUS_BITS.items()):
+        if degree // 2 >= slots_needed and sum(bits) <= limit:
+            return CkksParameters(poly_modulus_degree=degree, coeff_modulus_bits=bits, scale_bits=scale_bits)
+    raise InvalidArgumentError(
+        f"no ring degree holds {slots_needed} slots at depth {depth} with {scale_bits}-bit scale "
+        f"({sum(bits)} modulus bits) within 128-bit security"
+    )

@@ -1,0 +1,94 @@
+"""The BSGS diagonal product on real ciphertexts against numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tenseal.sealapi as seal
+
+from gateway.he.linear import EncodedLinear, plan_matrix
+from gateway.he.params import MAX_MODULUS_BITS, CkksParameters, choose_parameters
+from models.errors import InvalidArgumentError
+
+SLOTS = 4096
+
+
+@pytest.fixture(scope="module")
+def keys():
+    params = choose_parameters(depth=2, slots_needed=SLOTS, scale_bits=40)  # precise enough for 1e-4
+    context = params.seal_context
+    generator = seal.KeyGenerator(context)
+    return params, context, generator
+
+
+def _encrypt(params, context, generator, x: np.ndarray) -> seal.Ciphertext:
+    plaintext = seal.Plaintext()
+    values = np.zeros(params.slots)
+    values[: len(x)] = x
+    seal.CKKSEncoder(context).encode(values.tolist(), 2.0**params.scale_bits, plaintext)
+    ciphertext = seal.Ciphertext()
+    seal.Encryptor(context, generator.secret_key()).encrypt_symmetric(plaintext, ciphertext)
+    return ciphertext
+
+
+def _decrypt(context, generator, ciphertext) -> np.ndarray:
+    plaintext = seal.Plaintext()
+    seal.Decryptor(context, generator.secret_key()).decrypt(ciphertext, plaintext)
+    return np.array(seal.CKKSEncoder(context).decode_double(plaintext))
+
+
+def _run(keys, matrix, bias, x):
+    params, context, generator = keys
+    plan = plan_matrix(matrix, bias, slots=params.slots)
+    galois = seal.GaloisKeys()
+    generator.create_galois_keys(
+        [pow(3, s, 2 * params.poly_modulus_degree) for s in sorted(plan.rotation_steps)], galois
+    )
+    encoded = EncodedLinear(
+        plan, context=context, parms_id=context.first_parms_id(), input_scale=2.0**params.scale_bits
+    )
+    result = encoded.evaluate(seal.Evaluator(context), _encrypt(params, context, generator, x), galois)
+    return plan, _decrypt(context, generator, result)[: matrix.shape[0]]
+
+
+def test_dense_matrix_matches_numpy(keys):
+    rng = np.random.default_rng(0)
+    matrix, bias, x = rng.normal(size=(13, 37)), rng.normal(size=13), rng.normal(size=37)
+    plan, y = _run(keys, matrix, bias, x)
+    np.testing.assert_allclose(y, matrix @ x + bias, atol=1e-4)
+    assert plan.products == 13 + 37 - 1
+    assert plan.rotations < plan.products / 3  # baby/giant split, not one rotation per diagonal
+
+
+def test_banded_matrix_needs_few_rotations(keys):
+    rng = np.random.default_rng(1)
+    matrix = np.zeros((64, 64))
+    for offset in (0, 1, 2, 8):
+        matrix[np.arange(64 - offset), np.arange(offset, 64)] = rng.normal(size=64 - offset)
+    x = rng.normal(size=64)
+    plan, y = _run(keys, matrix, None, x)
+    np.testing.assert_allclose(y, matrix @ x, atol=1e-4)
+    assert plan.products == 4 and plan.rotations <= 3
+
+
+def test_matrix_larger_than_the_slots_is_refused():
+    with pytest.raises(InvalidArgumentError, match="does not fit"):
+        plan_matrix(np.ones((3, SLOTS + 1)), None, slots=SLOTS)
+
+
+def test_security_limits_match_seal():
+    for degree, bits in MAX_MODULUS_BITS.items():
+        assert seal.CoeffModulus.MaxBitCount(degree, seal.SEC_LEVEL_TYPE.TC128) == bits
+
+
+def test_parameters_below_128_bit_security_are_refused():
+    with pytest.raises(ValueError, match="exceed the 218"):
+        CkksParameters(poly_modulus_degree=8192, coeff_modulus_bits=[60, 40, 40, 40, 40], scale_bits=40)
+
+
+def test_parameters_are_chosen_from_depth_and_width():
+    assert choose_parameters(depth=3, slots_needed=4096).poly_modulus_degree == 8192
+    assert choose_parameters(depth=3, slots_needed=5000).poly_modulus_degree == 16384
+    assert choose_parameters(depth=3, slots_needed=10).depth == 3
+    with pytest.raises(InvalidArgumentError, match="within 128-bit security"):
+        choose_parameters(depth=40, slots_needed=4096, scale_bits=40)
