@@ -15,7 +15,7 @@ SLOTS = 4096
 
 @pytest.fixture(scope="module")
 def keys():
-    params = choose_parameters(depth=2, slots_needed=SLOTS, scale_bits=40)  # precise enough for 1e-4
+    params = choose_parameters(depth=2, slots_needed=SLOTS)
     context = params.seal_context
     generator = seal.KeyGenerator(context)
     return params, context, generator
@@ -87,8 +87,10 @@ def test_parameters_below_128_bit_security_are_refused():
 
 
 def test_parameters_are_chosen_from_depth_and_width():
-    assert choose_parameters(depth=3, slots_needed=4096).poly_modulus_degree == 8192
+    params = choose_parameters(depth=3, slots_needed=4096)
+    assert (params.poly_modulus_degree, params.scale_bits, params.depth) == (8192, 38, 3)
+    assert sum(params.coeff_modulus_bits) <= 218
     assert choose_parameters(depth=3, slots_needed=5000).poly_modulus_degree == 16384
-    assert choose_parameters(depth=3, slots_needed=10).depth == 3
+    assert choose_parameters(depth=8, slots_needed=100).poly_modulus_degree == 16384  # 8192 leaves < 26 bits
     with pytest.raises(InvalidArgumentError, match="within 128-bit security"):
-        choose_parameters(depth=40, slots_needed=4096, scale_bits=40)
+        choose_parameters(depth=40, slots_needed=4096)

@@ -67,25 +67,30 @@ class CkksParameters(BaseModel):
         return context
 
 
-def choose_parameters(*, depth: int, slots_needed: int, scale_bits: int = 26, integer_bits: int = 14) -> CkksParameters:
-    """The smallest ring that holds ``slots_needed`` values through ``depth`` rescales.
+def choose_parameters(
+    *, depth: int, slots_needed: int, integer_bits: int = 14, min_scale_bits: int = 26
+) -> CkksParameters:
+    """The smallest ring that holds ``slots_needed`` values through ``depth`` rescales, with the
+    largest scale (the most precision) that ring allows at 128-bit security.
 
     Args:
         depth: multiplicative depth (rescales) of the plan.
         slots_needed: the widest vector the plan packs into one ciphertext.
-        scale_bits: bits of the scale (the fractional precision of every level).
         integer_bits: bits above the scale that the first prime keeps for the result's integer
-            part; the last-level value must stay below ``2**integer_bits`` in magnitude.
+            part; the last-level values must stay below ``2**integer_bits`` in magnitude.
+        min_scale_bits: the least precision worth having; smaller rings that only fit with a
+            smaller scale are skipped.
 
     Raises:
         InvalidArgumentError: nothing within 128-bit security fits.
     """
-    first = min(scale_bits + integer_bits, MAX_PRIME_BITS)
-    bits = [first] + [scale_bits] * depth + [first]
     for degree, limit in sorted(MAX_MODULUS_BITS.items()):
-        if degree // 2 >= slots_needed and sum(bits) <= limit:
-            return CkksParameters(poly_modulus_degree=degree, coeff_modulus_bits=bits, scale_bits=scale_bits)
+        scale = min(MAX_PRIME_BITS - integer_bits, (limit - 2 * integer_bits) // (depth + 2))
+        if degree // 2 >= slots_needed and scale >= min_scale_bits:
+            first = scale + integer_bits
+            bits = [first] + [scale] * depth + [first]
+            return CkksParameters(poly_modulus_degree=degree, coeff_modulus_bits=bits, scale_bits=scale)
     raise InvalidArgumentError(
-        f"no ring degree holds {slots_needed} slots at depth {depth} with {scale_bits}-bit scale "
-        f"({sum(bits)} modulus bits) within 128-bit security"
+        f"no ring degree holds {slots_needed} slots at depth {depth} with a scale of at least "
+        f"{min_scale_bits} bits within 128-bit security"
     )

@@ -1,0 +1,138 @@
+"""The encryption plan: the public spec that travels to clients, and the server's encoded layers.
+
+``compile_plan`` lowers a model to affine maps and squares, lays each affine map out as
+baby-step / giant-step diagonals, chooses CKKS parameters for the depth and width, and collects
+every rotation step into the public :class:`EncryptionSpec`. Packing rule (shared by both sides
+through the spec): the client rounds its normalized input with the model's input quantization,
+flattens it and places it in slots ``[0, n)``; the result's logits are slots ``[0, classes)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import tenseal.sealapi as seal
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.he.graph import Affine, LoweredModel, Square, lower
+from gateway.he.linear import DiagonalPlan, EncodedLinear, plan_matrix
+from gateway.he.params import CkksParameters, choose_parameters
+
+PLAN_VERSION = 1
+
+
+class LayerCost(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: str
+    shape: str
+    rotations: int
+    plaintext_products: int
+    ciphertext_products: int
+    levels: int
+
+
+class EncryptionSpec(BaseModel):
+    """Everything a client needs to make keys, encrypt an input and read a result. No secrets."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    plan_version: int = PLAN_VERSION
+    parameters: CkksParameters
+    rotation_steps: list[int] = Field(description="the only rotations evaluation uses: make Galois keys for these")
+    input_shape: list[int]
+    input_scale: float = Field(description="uint8 quantization the client applies before encrypting")
+    input_zero_point: int
+    input_width: int
+    output_width: int
+    layers: list[LayerCost]
+
+    @property
+    def rotations(self) -> int:
+        return sum(layer.rotations for layer in self.layers)
+
+
+def compile_plan(path: Path) -> tuple[EncryptionSpec, list[DiagonalPlan | None]]:
+    """Lower the model at ``path`` and plan it; refuses unsupported operators and widths here."""
+    lowered: LoweredModel = lower(path)
+    widths = [s.matrix.shape[0] for s in lowered.stages if isinstance(s, Affine)]
+    input_width = int(np.prod(lowered.input_shape))
+    params = choose_parameters(depth=lowered.depth, slots_needed=max([input_width, *widths]))
+    stages: list[DiagonalPlan | None] = []
+    costs: list[LayerCost] = []
+    for stage in lowered.stages:
+        if isinstance(stage, Affine):
+            plan = plan_matrix(stage.matrix, stage.bias, slots=params.slots)
+            stages.append(plan)
+            rows, cols = stage.matrix.shape
+            costs.append(
+                LayerCost(
+                    kind="affine",
+                    shape=f"{rows}x{cols}",
+                    rotations=plan.rotations,
+                    plaintext_products=plan.products,
+                    ciphertext_products=0,
+                    levels=1,
+                )
+            )
+        elif isinstance(stage, Square):
+            stages.append(None)
+            costs.append(
+                LayerCost(
+                    kind="square",
+                    shape=str(stage.width),
+                    rotations=0,
+                    plaintext_products=0,
+                    ciphertext_products=1,
+                    levels=1,
+                )
+            )
+    steps = sorted(set().union(*(p.rotation_steps for p in stages if p is not None)))
+    output_width = next(s.matrix.shape[0] for s in reversed(lowered.stages) if isinstance(s, Affine))
+    spec = EncryptionSpec(
+        parameters=params,
+        rotation_steps=steps,
+        input_shape=lowered.input_shape,
+        input_scale=lowered.input_quantization.scale,
+        input_zero_point=lowered.input_quantization.zero_point,
+        input_width=input_width,
+        output_width=output_width,
+        layers=costs,
+    )
+    return spec, stages
+
+
+class EncryptedModel:
+    """Server side: the plan's plaintexts encoded once at load; evaluation needs public keys only."""
+
+    def __init__(self, path: Path) -> None:
+        self.spec, stages = compile_plan(path)
+        context = self.spec.parameters.seal_context
+        self.context = context
+        self.evaluator = seal.Evaluator(context)
+        self._layers: list[EncodedLinear | None] = []
+        parms_id = context.first_parms_id()
+        scale = 2.0**self.spec.parameters.scale_bits
+        for plan in stages:
+            if plan is None:
+                self._layers.append(None)
+                data = context.get_context_data(parms_id)
+                scale = scale * scale / float(data.parms().coeff_modulus()[-1].value())
+            else:
+                encoded = EncodedLinear(plan, context=context, parms_id=parms_id, input_scale=scale)
+                self._layers.append(encoded)
+                scale = encoded.output_scale
+            parms_id = context.get_context_data(parms_id).next_context_data().parms_id()
+
+    def evaluate(self, x: seal.Ciphertext, relin_keys: seal.RelinKeys, galois_keys: seal.GaloisKeys) -> seal.Ciphertext:
+        for layer in self._layers:
+            if layer is None:
+                squared = seal.Ciphertext()
+                self.evaluator.square(x, squared)
+                self.evaluator.relinearize_inplace(squared, relin_keys)
+                self.evaluator.rescale_to_next_inplace(squared)
+                x = squared
+            else:
+                x = layer.evaluate(self.evaluator, x, galois_keys)
+        return x
