@@ -1,0 +1,114 @@
+"""Encrypted inference, measured: latency, rotations, sizes and agreement with onnxruntime.
+
+    python -m bench.encrypted                                   # bundled breast-cancer and MNIST MLP
+    python -m bench.encrypted --models mnist-mlp-eps3 --images 50
+
+Work in progress with the engine issue: this run reports what the engine does today, one
+request at a time on one core; the targets of the engine issue are not met yet.
+Results go to ``bench/results/encrypted.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from gateway.cli import BUNDLED_REPOSITORY
+from gateway.he.client import ClientKeys
+from gateway.he.plan import EncryptedModel
+from models import onnx_runtime
+from models.data import load_dataset
+from models.machine import machine_description
+from models.repository import ModelRepository
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_MODELS = ["breast-cancer-linear-eps3", "mnist-mlp-eps3"]
+
+
+def _saved_bytes(obj) -> int:
+    with tempfile.NamedTemporaryFile() as handle:
+        obj.save(handle.name)
+        return Path(handle.name).stat().st_size
+
+
+def measure(name: str, images: int) -> dict:
+    artifact = ModelRepository(BUNDLED_REPOSITORY).get(name)
+    started = time.perf_counter()
+    model = EncryptedModel(artifact.onnx_path)
+    load_seconds = time.perf_counter() - started
+    keys = ClientKeys(model.spec)
+    data = load_dataset(artifact.manifest.dataset)
+    x = artifact.manifest.input.normalization.apply(data.test.x[:images])
+    reference = onnx_runtime.predict_logits(onnx_runtime.create_session(artifact.onnx_path), x)
+    seconds, errors, agree = [], [], 0
+    for row, expected in zip(x, reference, strict=True):
+        ciphertext = keys.encrypt(row)
+        started = time.perf_counter()
+        result = model.evaluate(ciphertext, keys.relin_keys, keys.galois_keys)
+        seconds.append(time.perf_counter() - started)
+        logits = keys.decrypt(result)
+        errors.append(float(np.abs(logits - expected).max()))
+        agree += int(logits.argmax() == expected.argmax())
+    params = model.spec.parameters
+    return {
+        "model": name,
+        "ring": params.poly_modulus_degree,
+        "modulus_bits": params.coeff_modulus_bits,
+        "rotations": model.spec.rotations,
+        "plaintext_products": sum(layer.plaintext_products for layer in model.spec.layers),
+        "load_seconds": round(load_seconds, 2),
+        "evaluate_ms_p50": round(1000 * float(np.median(seconds)), 1),
+        "input_kib": round(_saved_bytes(ciphertext) / 1024, 1),
+        "result_kib": round(_saved_bytes(result) / 1024, 1),
+        "galois_keys_mib": round(_saved_bytes(keys.galois_keys) / 2**20, 1),
+        "images": images,
+        "class_agreement": agree / images,
+        "max_logit_error": round(max(errors), 4),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
+    parser.add_argument("--images", type=int, default=20)
+    args = parser.parse_args()
+    rows = [measure(name, args.images) for name in args.models]
+    result = {
+        "command": shlex.join(["python", "-m", "bench.encrypted", *sys.argv[1:]]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine_description(),
+        "models": rows,
+    }
+    lines = [
+        "# Encrypted inference (engine in progress)",
+        "",
+        f"`{result['command']}` on {result['date']}, {result['machine']}; one request at a time, one core.",
+        "",
+        "| model | ring | modulus bits | rotations | pt products | eval p50 | input | result | Galois keys "
+        "| agree with onnxruntime | max logit error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['ring']} | {r['modulus_bits']} | {r['rotations']} | {r['plaintext_products']} "
+            f"| {r['evaluate_ms_p50']} ms | {r['input_kib']} KiB | {r['result_kib']} KiB | {r['galois_keys_mib']} MiB "
+            f"| {r['class_agreement']:.0%} of {r['images']} | {r['max_logit_error']} |"
+        )
+    markdown = "\n".join(lines) + "\n"
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "encrypted.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "encrypted.md").write_text(markdown)
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
