@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tenseal.sealapi as seal
 
-from gateway.he.linear import EncodedLinear, plan_matrix
+from gateway.he.linear import EncodedLinear, plan_matrix, plan_replicated
 from gateway.he.params import MAX_MODULUS_BITS, CkksParameters, choose_parameters
 from models.errors import InvalidArgumentError
 
@@ -21,10 +21,11 @@ def keys():
     return params, context, generator
 
 
-def _encrypt(params, context, generator, x: np.ndarray) -> seal.Ciphertext:
+def _encrypt(params, context, generator, x: np.ndarray, period: int | None = None) -> seal.Ciphertext:
     plaintext = seal.Plaintext()
-    values = np.zeros(params.slots)
+    values = np.zeros(period or params.slots)
     values[: len(x)] = x
+    values = np.tile(values, params.slots // len(values))
     seal.CKKSEncoder(context).encode(values.tolist(), 2.0**params.scale_bits, plaintext)
     ciphertext = seal.Ciphertext()
     seal.Encryptor(context, generator.secret_key()).encrypt_symmetric(plaintext, ciphertext)
@@ -37,9 +38,12 @@ def _decrypt(context, generator, ciphertext) -> np.ndarray:
     return np.array(seal.CKKSEncoder(context).decode_double(plaintext))
 
 
-def _run(keys, matrix, bias, x):
+def _run(keys, matrix, bias, x, period=None):
     params, context, generator = keys
-    plan = plan_matrix(matrix, bias, slots=params.slots)
+    if period:
+        plan = plan_replicated(matrix, bias, slots=params.slots, period=period)
+    else:
+        plan = plan_matrix(matrix, bias, slots=params.slots)
     galois = seal.GaloisKeys()
     generator.create_galois_keys(
         [pow(3, s, 2 * params.poly_modulus_degree) for s in sorted(plan.rotation_steps)], galois
@@ -47,15 +51,15 @@ def _run(keys, matrix, bias, x):
     encoded = EncodedLinear(
         plan, context=context, parms_id=context.first_parms_id(), input_scale=2.0**params.scale_bits
     )
-    result = encoded.evaluate(seal.Evaluator(context), _encrypt(params, context, generator, x), galois)
-    return plan, _decrypt(context, generator, result)[: matrix.shape[0]]
+    result = encoded.evaluate(seal.Evaluator(context), _encrypt(params, context, generator, x, period), galois)
+    return plan, _decrypt(context, generator, result)
 
 
 def test_dense_matrix_matches_numpy(keys):
     rng = np.random.default_rng(0)
     matrix, bias, x = rng.normal(size=(13, 37)), rng.normal(size=13), rng.normal(size=37)
     plan, y = _run(keys, matrix, bias, x)
-    np.testing.assert_allclose(y, matrix @ x + bias, atol=1e-4)
+    np.testing.assert_allclose(y[:13], matrix @ x + bias, atol=1e-4)
     assert plan.products == 13 + 37 - 1
     assert plan.rotations < plan.products / 3  # baby/giant split, not one rotation per diagonal
 
@@ -67,8 +71,26 @@ def test_banded_matrix_needs_few_rotations(keys):
         matrix[np.arange(64 - offset), np.arange(offset, 64)] = rng.normal(size=64 - offset)
     x = rng.normal(size=64)
     plan, y = _run(keys, matrix, None, x)
-    np.testing.assert_allclose(y, matrix @ x, atol=1e-4)
+    np.testing.assert_allclose(y[:64], matrix @ x, atol=1e-4)
     assert plan.products == 4 and plan.rotations <= 3
+
+
+def test_replicated_layout_needs_one_product_per_output_row(keys):
+    """A 13x37 layer on an input repeated every 64 slots: 16 diagonals, the result repeats every 16."""
+    rng = np.random.default_rng(2)
+    matrix, bias, x = rng.normal(size=(13, 37)), rng.normal(size=13), rng.normal(size=37)
+    plan, y = _run(keys, matrix, bias, x, period=64)
+    expected = np.zeros(16)
+    expected[:13] = matrix @ x + bias
+    np.testing.assert_allclose(y, np.tile(expected, len(y) // 16), atol=1e-4)
+    assert plan.products == 16 and plan.fold_steps == [16, 32] and plan.output_period == 16
+
+
+def test_replicated_layout_refuses_what_does_not_fit():
+    with pytest.raises(InvalidArgumentError, match="does not fit input period 32"):
+        plan_replicated(np.ones((4, 40)), None, slots=SLOTS, period=32)
+    with pytest.raises(InvalidArgumentError, match="widens a replicated"):
+        plan_replicated(np.ones((100, 30)), None, slots=SLOTS, period=32)
 
 
 def test_matrix_larger_than_the_slots_is_refused():

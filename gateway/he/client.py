@@ -41,8 +41,9 @@ class ClientKeys:
             raise InvalidArgumentError(
                 f"input must be float32 of shape {self.spec.input_shape}, got {x.dtype} {list(x.shape)}"
             )
-        values = np.zeros(self.spec.parameters.slots)
-        values[: self.spec.input_width] = self._input.dequantize(self._input.quantize(x)).ravel()
+        period = np.zeros(self.spec.input_period)
+        period[: self.spec.input_width] = self._input.dequantize(self._input.quantize(x)).ravel()
+        values = np.tile(period, self.spec.parameters.slots // self.spec.input_period)
         plaintext = seal.Plaintext()
         self._encoder.encode(values.tolist(), 2.0**self.spec.parameters.scale_bits, plaintext)
         ciphertext = seal.Ciphertext()

@@ -10,6 +10,13 @@ the input once per distinct baby step ``b`` and each partial sum once per distin
 few). The rotated diagonals are encoded once, when the model loads, at the level and scale where
 they are used: each is encoded at the scale of the prime that the product then drops, so the
 result comes back at exactly the input's scale.
+
+Wide, short matrices (a 128x784 dense layer) use the replicated ("hybrid") layout: the input is
+packed with period ``P`` (a power of two at least its length, repeated across all slots), so a
+rotation of the ciphertext is a cyclic rotation of the vector. With ``m'`` the power of two at
+least the row count, only ``m'`` diagonals exist, ``diag_d[s] = M[s mod m', (s + d) mod P]``,
+and ``log2(P / m')`` rotate-and-add steps fold the partial sums: the result is ``y`` repeated with
+period ``m'``, which is the packing the next layer wants. 911 products become 128.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ class DiagonalPlan:
     baby: int  # B
     diagonals: dict[int, np.ndarray] = field(repr=False)  # d -> diag_d (length slots), non-zero only
     bias: np.ndarray | None = field(repr=False)  # length slots, or None
+    fold_steps: list[int] = field(default_factory=list)  # rotate-and-add steps after the products
+    output_period: int = 0  # the result repeats with this period (0: not replicated)
 
     @property
     def baby_steps(self) -> list[int]:
@@ -42,11 +51,12 @@ class DiagonalPlan:
     @property
     def rotation_steps(self) -> set[int]:
         """Every rotation step the evaluation uses: the Galois keys the client must make."""
-        return {s for s in self.baby_steps + self.giant_steps if s}
+        return {s for s in self.baby_steps + self.giant_steps + self.fold_steps if s}
 
     @property
     def rotations(self) -> int:
-        return len(self.rotation_steps)
+        """Rotations per evaluation (one per distinct non-zero baby and giant step, one per fold)."""
+        return len([s for s in self.baby_steps if s]) + len([s for s in self.giant_steps if s]) + len(self.fold_steps)
 
     @property
     def products(self) -> int:
@@ -61,6 +71,44 @@ def _best_baby(indices: np.ndarray, slots: int) -> int:
         if best_cost is None or cost < best_cost:
             best, best_cost = baby, cost
     return best
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def plan_replicated(matrix: np.ndarray, bias: np.ndarray | None, *, slots: int, period: int) -> DiagonalPlan:
+    """Plan ``y = matrix @ x + bias`` for ``x`` packed with period ``period`` (see the module doc).
+
+    Falls back to :func:`plan_matrix` when the matrix has more rows than ``period`` (it widens
+    the vector, so the input cannot be repeated), which needs ``period == slots``.
+    """
+    rows, cols = matrix.shape
+    out_period = next_power_of_two(rows)
+    if cols > period or period & (period - 1) or slots % period:
+        raise InvalidArgumentError(f"a {rows}x{cols} matrix does not fit input period {period} in {slots} slots")
+    if out_period > period:
+        if period != slots:
+            raise InvalidArgumentError(f"a {rows}x{cols} layer widens a replicated {period}-slot input")
+        return plan_matrix(matrix, bias, slots=slots)
+    padded = np.zeros((out_period, period))
+    padded[:rows, :cols] = matrix
+    s = np.arange(slots)
+    diagonals = {}
+    for d in range(out_period):
+        diag = padded[s % out_period, (s + d) % period]
+        if diag.any():
+            diagonals[d] = diag
+    full_bias = None
+    if bias is not None:
+        periodic = np.zeros(out_period)
+        periodic[:rows] = bias
+        full_bias = periodic[s % out_period]
+    fold_steps = [out_period << k for k in range((period // out_period).bit_length() - 1)]
+    baby = _best_baby(np.array(sorted(diagonals)), slots) if diagonals else 1
+    return DiagonalPlan(
+        slots=slots, baby=baby, diagonals=diagonals, bias=full_bias, fold_steps=fold_steps, output_period=out_period
+    )
 
 
 def plan_matrix(matrix: np.ndarray, bias: np.ndarray | None, *, slots: int) -> DiagonalPlan:
@@ -137,6 +185,10 @@ class EncodedLinear:
                 total = partial
             else:
                 evaluator.add_inplace(total, partial)
+        for step in self.plan.fold_steps:
+            shifted = seal.Ciphertext()
+            evaluator.rotate_vector(total, step, galois_keys, shifted)
+            evaluator.add_inplace(total, shifted)
         total.scale = self.output_scale
         if self._bias is not None:
             evaluator.add_plain_inplace(total, self._bias)

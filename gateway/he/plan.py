@@ -4,7 +4,8 @@
 baby-step / giant-step diagonals, chooses CKKS parameters for the depth and width, and collects
 every rotation step into the public :class:`EncryptionSpec`. Packing rule (shared by both sides
 through the spec): the client rounds its normalized input with the model's input quantization,
-flattens it and places it in slots ``[0, n)``; the result's logits are slots ``[0, classes)``.
+flattens it, zero-pads it to ``input_period`` and repeats it across all slots; the result's
+logits are slots ``[0, classes)``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import tenseal.sealapi as seal
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.he.graph import Affine, LoweredModel, Square, lower
-from gateway.he.linear import DiagonalPlan, EncodedLinear, plan_matrix
+from gateway.he.linear import DiagonalPlan, EncodedLinear, next_power_of_two, plan_replicated
 from gateway.he.params import CkksParameters, choose_parameters
 
 PLAN_VERSION = 1
@@ -45,6 +46,7 @@ class EncryptionSpec(BaseModel):
     input_scale: float = Field(description="uint8 quantization the client applies before encrypting")
     input_zero_point: int
     input_width: int
+    input_period: int = Field(description="the input is zero-padded to this length and repeated across all slots")
     output_width: int
     layers: list[LayerCost]
 
@@ -58,12 +60,15 @@ def compile_plan(path: Path) -> tuple[EncryptionSpec, list[DiagonalPlan | None]]
     lowered: LoweredModel = lower(path)
     widths = [s.matrix.shape[0] for s in lowered.stages if isinstance(s, Affine)]
     input_width = int(np.prod(lowered.input_shape))
-    params = choose_parameters(depth=lowered.depth, slots_needed=max([input_width, *widths]))
+    input_period = next_power_of_two(input_width)
+    params = choose_parameters(depth=lowered.depth, slots_needed=max([input_period, *widths]))
     stages: list[DiagonalPlan | None] = []
     costs: list[LayerCost] = []
+    period = input_period
     for stage in lowered.stages:
         if isinstance(stage, Affine):
-            plan = plan_matrix(stage.matrix, stage.bias, slots=params.slots)
+            plan = plan_replicated(stage.matrix, stage.bias, slots=params.slots, period=period)
+            period = plan.output_period or params.slots
             stages.append(plan)
             rows, cols = stage.matrix.shape
             costs.append(
@@ -97,6 +102,7 @@ def compile_plan(path: Path) -> tuple[EncryptionSpec, list[DiagonalPlan | None]]
         input_scale=lowered.input_quantization.scale,
         input_zero_point=lowered.input_quantization.zero_point,
         input_width=input_width,
+        input_period=input_period,
         output_width=output_width,
         layers=costs,
     )
