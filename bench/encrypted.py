@@ -15,7 +15,6 @@ import datetime
 import json
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,28 +32,24 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_MODELS = ["breast-cancer-linear-eps3", "mnist-mlp-eps3"]
 
 
-def _saved_bytes(obj) -> int:
-    with tempfile.NamedTemporaryFile() as handle:
-        obj.save(handle.name)
-        return Path(handle.name).stat().st_size
-
-
 def measure(name: str, images: int) -> dict:
     artifact = ModelRepository(BUNDLED_REPOSITORY).get(name)
     started = time.perf_counter()
     model = EncryptedModel(artifact.onnx_path)
     load_seconds = time.perf_counter() - started
-    keys = ClientKeys(model.spec)
+    client = ClientKeys(model.spec)
+    relin, galois = client.evaluation_keys()
+    keys = model.load_keys(relin, galois)
     data = load_dataset(artifact.manifest.dataset)
     x = artifact.manifest.input.normalization.apply(data.test.x[:images])
     reference = onnx_runtime.predict_logits(onnx_runtime.create_session(artifact.onnx_path), x)
     seconds, errors, agree = [], [], 0
     for row, expected in zip(x, reference, strict=True):
-        ciphertext = keys.encrypt(row)
+        ciphertext = client.encrypt(row)
         started = time.perf_counter()
-        result = model.evaluate(ciphertext, keys.relin_keys, keys.galois_keys)
+        result = model.evaluate(ciphertext, keys)
         seconds.append(time.perf_counter() - started)
-        logits = keys.decrypt(result)
+        logits = client.decrypt(result)
         errors.append(float(np.abs(logits - expected).max()))
         agree += int(logits.argmax() == expected.argmax())
     params = model.spec.parameters
@@ -66,9 +61,10 @@ def measure(name: str, images: int) -> dict:
         "plaintext_products": sum(layer.plaintext_products for layer in model.spec.layers),
         "load_seconds": round(load_seconds, 2),
         "evaluate_ms_p50": round(1000 * float(np.median(seconds)), 1),
-        "input_kib": round(_saved_bytes(ciphertext) / 1024, 1),
-        "result_kib": round(_saved_bytes(result) / 1024, 1),
-        "galois_keys_mib": round(_saved_bytes(keys.galois_keys) / 2**20, 1),
+        "input_kib": round(len(ciphertext) / 1024, 1),
+        "result_kib": round(len(result) / 1024, 1),
+        "galois_keys_mib": round(len(galois) / 2**20, 1),
+        "relin_key_mib": round(len(relin) / 2**20, 1),
         "images": images,
         "class_agreement": agree / images,
         "max_logit_error": round(max(errors), 4),

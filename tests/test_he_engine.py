@@ -20,13 +20,12 @@ from models.repository import ModelRepository
 def _encrypted_vs_onnxruntime(name: str, count: int):
     artifact = ModelRepository(BUNDLED_REPOSITORY).get(name)
     model = EncryptedModel(artifact.onnx_path)
-    keys = ClientKeys(model.spec)
+    client = ClientKeys(model.spec)
+    keys = model.load_keys(*client.evaluation_keys())
     data = load_dataset(artifact.manifest.dataset)
     x = artifact.manifest.input.normalization.apply(data.test.x[:count])
     reference = onnx_runtime.predict_logits(onnx_runtime.create_session(artifact.onnx_path), x)
-    encrypted = np.stack(
-        [keys.decrypt(model.evaluate(keys.encrypt(row), keys.relin_keys, keys.galois_keys)) for row in x]
-    )
+    encrypted = np.stack([client.decrypt(model.evaluate(client.encrypt(row), keys)) for row in x])
     return model, encrypted, reference
 
 
@@ -65,6 +64,39 @@ def test_unsupported_operator_is_refused_at_load_naming_the_node(tmp_path):
     onnx.save(model, str(path))
     with pytest.raises(UnsupportedOperatorError, match=rf"operator Relu \(node '{square.name}'\)"):
         EncryptedModel(path)
+
+
+@pytest.fixture(scope="module")
+def breast_cancer():
+    artifact = ModelRepository(BUNDLED_REPOSITORY).get("breast-cancer-linear-eps3")
+    model = EncryptedModel(artifact.onnx_path)
+    client = ClientKeys(model.spec)
+    return model, client, model.load_keys(*client.evaluation_keys())
+
+
+def test_broken_ciphertext_bytes_are_refused(breast_cancer):
+    model, client, keys = breast_cancer
+    good = client.encrypt(np.zeros(30, np.float32))
+    for bad in (good[: len(good) // 2], good[:100], b"", b"\x00" * 64, b"\xff" * len(good)):
+        with pytest.raises(InvalidArgumentError):
+            model.evaluate(bad, keys)
+    assert len(client.decrypt(model.evaluate(good, keys))) == 2  # the model still works
+
+
+def test_ciphertext_under_other_parameters_is_refused(breast_cancer):
+    model, _, keys = breast_cancer
+    mnist = EncryptedModel(ModelRepository(BUNDLED_REPOSITORY).get("mnist-mlp-eps3").onnx_path)
+    other = ClientKeys(mnist.spec).encrypt(np.zeros([1, 28, 28], np.float32))
+    with pytest.raises(InvalidArgumentError, match="not valid for this model's parameters"):
+        model.evaluate(other, keys)
+
+
+def test_keys_under_other_parameters_are_refused(breast_cancer):
+    model, _, _ = breast_cancer
+    mnist = EncryptedModel(ModelRepository(BUNDLED_REPOSITORY).get("mnist-mlp-eps3").onnx_path)
+    relin, galois = ClientKeys(mnist.spec).evaluation_keys()
+    with pytest.raises(InvalidArgumentError, match="relinearization key is not valid"):
+        model.load_keys(relin, galois)
 
 
 def test_client_refuses_wrong_shape_and_dtype():

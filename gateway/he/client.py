@@ -10,6 +10,7 @@ import numpy as np
 import tenseal.sealapi as seal
 
 from gateway.he.plan import EncryptionSpec
+from gateway.he.wire import dump, load_ciphertext
 from models.errors import InvalidArgumentError
 from models.quantization import QuantParams
 
@@ -20,22 +21,24 @@ def galois_elements(steps: list[int], poly_modulus_degree: int) -> list[int]:
 
 
 class ClientKeys:
+    """A secret key and the public evaluation keys made from it, for one model's spec."""
+
     def __init__(self, spec: EncryptionSpec) -> None:
         self.spec = spec
         self.context = spec.parameters.seal_context
-        generator = seal.KeyGenerator(self.context)
-        self._secret_key = generator.secret_key()
-        self.relin_keys = seal.RelinKeys()
-        generator.create_relin_keys(self.relin_keys)
-        self.galois_keys = seal.GaloisKeys()
-        generator.create_galois_keys(
-            galois_elements(spec.rotation_steps, spec.parameters.poly_modulus_degree), self.galois_keys
-        )
+        self._generator = seal.KeyGenerator(self.context)
+        self._secret_key = self._generator.secret_key()
         self._encoder = seal.CKKSEncoder(self.context)
+        self._encryptor = seal.Encryptor(self.context, self._secret_key)
         self._input = QuantParams(scale=spec.input_scale, zero_point=spec.input_zero_point)
 
-    def encrypt(self, x: np.ndarray) -> seal.Ciphertext:
-        """Encrypt one normalized input of the spec's input shape."""
+    def evaluation_keys(self) -> tuple[bytes, bytes]:
+        """Seeded relinearization key and Galois keys (the spec's rotation steps only), as bytes."""
+        elements = galois_elements(self.spec.rotation_steps, self.spec.parameters.poly_modulus_degree)
+        return dump(self._generator.create_relin_keys()), dump(self._generator.create_galois_keys(elements))
+
+    def encrypt(self, x: np.ndarray) -> bytes:
+        """Encrypt one normalized input of the spec's input shape: a seeded ciphertext, as bytes."""
         x = np.asarray(x)
         if x.dtype != np.float32 or list(x.shape) != self.spec.input_shape:
             raise InvalidArgumentError(
@@ -46,11 +49,10 @@ class ClientKeys:
         values = np.tile(period, self.spec.parameters.slots // self.spec.input_period)
         plaintext = seal.Plaintext()
         self._encoder.encode(values.tolist(), 2.0**self.spec.parameters.scale_bits, plaintext)
-        ciphertext = seal.Ciphertext()
-        seal.Encryptor(self.context, self._secret_key).encrypt_symmetric(plaintext, ciphertext)
-        return ciphertext
+        return dump(self._encryptor.encrypt_symmetric(plaintext))
 
-    def decrypt(self, ciphertext: seal.Ciphertext) -> np.ndarray:
+    def decrypt(self, result: bytes) -> np.ndarray:
+        """The logits in an encrypted result."""
         plaintext = seal.Plaintext()
-        seal.Decryptor(self.context, self._secret_key).decrypt(ciphertext, plaintext)
+        seal.Decryptor(self.context, self._secret_key).decrypt(load_ciphertext(self.context, result), plaintext)
         return np.array(self._encoder.decode_double(plaintext)[: self.spec.output_width])

@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway.he.graph import Affine, LoweredModel, Square, lower
 from gateway.he.linear import DiagonalPlan, EncodedLinear, next_power_of_two, plan_replicated
 from gateway.he.params import CkksParameters, choose_parameters
+from gateway.he.wire import dump, load_ciphertext, load_galois_keys, load_relin_keys
+from models.errors import InvalidArgumentError
 
 PLAN_VERSION = 1
 
@@ -131,7 +133,18 @@ class EncryptedModel:
                 scale = encoded.output_scale
             parms_id = context.get_context_data(parms_id).next_context_data().parms_id()
 
-    def evaluate(self, x: seal.Ciphertext, relin_keys: seal.RelinKeys, galois_keys: seal.GaloisKeys) -> seal.Ciphertext:
+    def load_keys(self, relin: bytes, galois: bytes) -> tuple[seal.RelinKeys, seal.GaloisKeys]:
+        """A client's evaluation keys, checked by SEAL against this model's parameters."""
+        return load_relin_keys(self.context, relin), load_galois_keys(self.context, galois)
+
+    def evaluate(self, ciphertext: bytes, keys: tuple[seal.RelinKeys, seal.GaloisKeys]) -> bytes:
+        """One encrypted input in, its encrypted logits out; only public keys involved."""
+        x = load_ciphertext(self.context, ciphertext)
+        if x.parms_id() != self.context.first_parms_id() or x.size() != 2:
+            raise InvalidArgumentError("the ciphertext is not a fresh encryption at this model's first level")
+        if x.scale != 2.0**self.spec.parameters.scale_bits:
+            raise InvalidArgumentError(f"the ciphertext's scale must be 2**{self.spec.parameters.scale_bits}")
+        relin_keys, galois_keys = keys
         for layer in self._layers:
             if layer is None:
                 squared = seal.Ciphertext()
@@ -141,4 +154,4 @@ class EncryptedModel:
                 x = squared
             else:
                 x = layer.evaluate(self.evaluator, x, galois_keys)
-        return x
+        return dump(x)
