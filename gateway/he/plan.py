@@ -115,6 +115,7 @@ class EncryptedModel:
     """Server side: the plan's plaintexts encoded once at load; evaluation needs public keys only."""
 
     def __init__(self, path: Path) -> None:
+        self.path = path
         self.spec, stages = compile_plan(path)
         context = self.spec.parameters.seal_context
         self.context = context
