@@ -11,26 +11,21 @@ Results go to ``bench/results/encrypted.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import shlex
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import tenseal
 
+from bench.report import provenance, write
 from gateway.cli import BUNDLED_REPOSITORY
 from gateway.he.client import ClientKeys
 from gateway.he.graph import Affine, lower
 from gateway.he.plan import EncryptedModel
 from models import onnx_runtime
 from models.data import load_dataset
-from models.machine import machine_description
 from models.repository import ModelRepository
 
-RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_MODELS = ["breast-cancer-linear-eps3", "mnist-mlp-eps3"]
 
 
@@ -105,12 +100,7 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=20)
     args = parser.parse_args()
     rows = [measure(name, args.images) for name in args.models]
-    result = {
-        "command": shlex.join(["python", "-m", "bench.encrypted", *sys.argv[1:]]),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": machine_description(),
-        "models": rows,
-    }
+    result = {**provenance("bench.encrypted"), "models": rows}
     lines = [
         "# Encrypted inference (engine in progress)",
         "",
@@ -128,11 +118,7 @@ def main() -> int:
             f"| {r['class_agreement']:.2%} of {r['images']} "
             f"| {r['encrypted_accuracy']:.2%} / {r['int8_accuracy']:.2%} | {r['max_logit_error']} |"
         )
-    markdown = "\n".join(lines) + "\n"
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "encrypted.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "encrypted.md").write_text(markdown)
-    print(markdown)
+    write("encrypted", result, "\n".join(lines) + "\n")
     return 0
 
 

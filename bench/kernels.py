@@ -22,10 +22,7 @@ writes the cache) and then with that cache (warm). Results go to ``bench/results
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -36,14 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.report import RESULTS, provenance, write
 from gateway.cli import BUNDLED_REPOSITORY
 from kernels import NumbaModel
 from kernels.plan import AvgPool, Conv, Elementwise, Gemm, Plan, Relu, Square
 from models import onnx_runtime
-from models.machine import machine_description
 from models.repository import load_artifact
 
-RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_MODELS = ["mnist-cnn-eps3", "mnist-mlp-eps3"]
 BATCHES = [8, 64, 256, 1024, 4096]
 LATENCY_RATIO = 0.5  # numba's batch-1 latency at most this fraction of onnxruntime's
@@ -362,9 +358,7 @@ def main() -> int:
         print("no model to benchmark", file=sys.stderr)
         return 2
     result = {
-        "command": shlex.join(["python", "-m", "bench.kernels", *sys.argv[1:]]),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": machine_description(),
+        **provenance("bench.kernels"),
         "images": len(images),
         "load_average": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)},
         "models": models,
@@ -378,12 +372,8 @@ def main() -> int:
         NumbaModel.load(args.repo / models[-1]["model"] / "1" / "model.onnx", threads=threads)
         result["compile"]["second_model_seconds"] = round(time.perf_counter() - start, 4)
     result["load_average"]["end"] = round(os.getloadavg()[0], 2)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "kernels.json").write_text(json.dumps(result, indent=2) + "\n")
-    markdown = _markdown(result)
-    (RESULTS / "kernels.md").write_text(markdown)
+    write("kernels", result, _markdown(result))
     _plot(result, RESULTS / "kernels.png")
-    print(markdown)
     met = all(c["met"] for c in result["checks"]) and all(m["bit_identical_to_onnxruntime"] for m in models)
     return 0 if met else 1
 

@@ -15,8 +15,6 @@ command must reproduce it. Results go to ``bench/results/pipeline.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import shlex
 import subprocess
 import sys
@@ -24,12 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.report import provenance, write
 from gateway.cli import BUNDLED_REPOSITORY
-from models.machine import machine_description
 from models.manifest import MODEL_FILE, Manifest
 from models.repository import ModelRepository
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TIMED_MODEL = "mnist-cnn-eps3"
 TARGETS = {"eps3_accuracy": 0.975, "nondp_accuracy": 0.985, "int8_gap": 0.003, "train_seconds": 15 * 60}
 
@@ -89,9 +86,7 @@ def run(retrain: bool) -> dict:
         checks["train_seconds"] = {"model": TIMED_MODEL, "value": timed["seconds"], **timed}
         checks["train_seconds"]["met"] = timed["seconds"] < TARGETS["train_seconds"]
     return {
-        "command": shlex.join(["python", "-m", "bench.pipeline", *sys.argv[1:]]),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": machine_description(),
+        **provenance("bench.pipeline"),
         "targets": TARGETS,
         "checks": checks,
         "models": rows,
@@ -146,11 +141,7 @@ def main() -> int:
     parser.add_argument("--no-retrain", action="store_true", help="skip the timed training run")
     args = parser.parse_args()
     result = run(retrain=not args.no_retrain)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "pipeline.json").write_text(json.dumps(result, indent=2) + "\n")
-    markdown = _markdown(result)
-    (RESULTS / "pipeline.md").write_text(markdown)
-    print(markdown)
+    write("pipeline", result, _markdown(result))
     return 0 if all(check["met"] for check in result["checks"].values()) else 1
 
 

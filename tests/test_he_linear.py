@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tenseal.sealapi as seal
 
+from gateway.he.client import galois_elements
 from gateway.he.linear import EncodedLinear, plan_matrix, plan_replicated
 from gateway.he.params import MAX_MODULUS_BITS, CkksParameters, choose_parameters
 from models.errors import InvalidArgumentError
@@ -45,9 +46,7 @@ def _run(keys, matrix, bias, x, period=None):
     else:
         plan = plan_matrix(matrix, bias, slots=params.slots)
     galois = seal.GaloisKeys()
-    generator.create_galois_keys(
-        [pow(3, s, 2 * params.poly_modulus_degree) for s in sorted(plan.rotation_steps)], galois
-    )
+    generator.create_galois_keys(galois_elements(sorted(plan.rotation_steps), params.poly_modulus_degree), galois)
     encoded = EncodedLinear(
         plan, context=context, parms_id=context.first_parms_id(), input_scale=2.0**params.scale_bits
     )

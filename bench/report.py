@@ -1,0 +1,34 @@
+"""What every benchmark writes beside its figures: the command, the date, the machine.
+
+Each script puts :func:`provenance` at the top of its result and hands the result to
+:func:`write`, which stores ``bench/results/<name>.json`` and ``<name>.md`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from models.machine import machine_description
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def provenance(module: str) -> dict[str, str]:
+    """The exact command (``python -m <module> <args>``), the UTC date and the machine."""
+    return {
+        "command": shlex.join(["python", "-m", module, *sys.argv[1:]]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine_description(),
+    }
+
+
+def write(name: str, result: dict, markdown: str) -> None:
+    """Store the result as JSON and Markdown in ``bench/results/`` and print the Markdown."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown)
+    print(markdown)
