@@ -23,8 +23,8 @@ class Recipe(BaseModel):
 
 _DEFAULTS: dict[tuple[str, str], tuple[dict[str, int], dict[str, float | int]]] = {
     ("mnist", "cnn"): (
-        {"kernel": 11, "stride": 1, "padding": 5, "scales": 3, "orientations": 8, "pool": 4, "hidden": 0},
-        {"epochs": 40, "batch_size": 1024, "learning_rate": 2.0, "momentum": 0.9, "max_grad_norm": 0.1},
+        {"kernel": 5, "stride": 2, "padding": 0, "scales": 2, "orientations": 6, "pool": 2, "hidden": 0},
+        {"epochs": 40, "batch_size": 1024, "learning_rate": 1.0, "momentum": 0.9, "max_grad_norm": 0.1},
     ),
     ("mnist", "mlp"): (
         {"hidden": 128},

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import tenseal.sealapi as seal
 
-from gateway.he.client import galois_elements
 from gateway.he.linear import EncodedLinear, plan_matrix, plan_replicated
 from gateway.he.params import MAX_MODULUS_BITS, CkksParameters, choose_parameters
 from models.errors import InvalidArgumentError
@@ -16,18 +15,16 @@ SLOTS = 4096
 
 @pytest.fixture(scope="module")
 def keys():
-    params = choose_parameters(depth=2, slots_needed=SLOTS)
+    params = choose_parameters(depth=2, slots_needed=SLOTS, value_bound=100)
     context = params.seal_context
     generator = seal.KeyGenerator(context)
     return params, context, generator
 
 
-def _encrypt(params, context, generator, x: np.ndarray, period: int | None = None) -> seal.Ciphertext:
+def _encrypt(params, context, generator, lanes: np.ndarray) -> seal.Ciphertext:
+    """``lanes[l]`` is lane ``l``'s virtual vector; slot ``p * len(lanes) + l`` holds ``lanes[l, p]``."""
     plaintext = seal.Plaintext()
-    values = np.zeros(period or params.slots)
-    values[: len(x)] = x
-    values = np.tile(values, params.slots // len(values))
-    seal.CKKSEncoder(context).encode(values.tolist(), 2.0**params.scale_bits, plaintext)
+    seal.CKKSEncoder(context).encode(np.asarray(lanes).T.ravel().tolist(), 2.0**params.scale_bits, plaintext)
     ciphertext = seal.Ciphertext()
     seal.Encryptor(context, generator.secret_key()).encrypt_symmetric(plaintext, ciphertext)
     return ciphertext
@@ -39,26 +36,40 @@ def _decrypt(context, generator, ciphertext) -> np.ndarray:
     return np.array(seal.CKKSEncoder(context).decode_double(plaintext))
 
 
-def _run(keys, matrix, bias, x, period=None):
+def _run(keys, matrix, bias, xs, period=None, output_scale=None):
+    """Evaluate on one input per lane (``xs``: [lanes, cols]); returns the plan and each lane's virtual vector."""
     params, context, generator = keys
+    xs = np.atleast_2d(xs)
+    lanes, virtual = len(xs), params.slots // len(xs)
     if period:
-        plan = plan_replicated(matrix, bias, slots=params.slots, period=period)
+        plan = plan_replicated(matrix, bias, slots=virtual, period=period)
     else:
-        plan = plan_matrix(matrix, bias, slots=params.slots)
-    galois = seal.GaloisKeys()
-    generator.create_galois_keys(galois_elements(sorted(plan.rotation_steps), params.poly_modulus_degree), galois)
+        plan = plan_matrix(matrix, bias, slots=virtual)
+    packed = np.zeros((lanes, virtual))
+    for lane, x in enumerate(xs):
+        packed[lane, : len(x)] = x
+        if period:
+            packed[lane] = np.tile(packed[lane, :period], virtual // period)
     encoded = EncodedLinear(
-        plan, context=context, parms_id=context.first_parms_id(), input_scale=2.0**params.scale_bits
+        plan,
+        context=context,
+        parms_id=context.first_parms_id(),
+        lanes=lanes,
+        input_scale=2.0**params.scale_bits,
+        output_scale=output_scale,
     )
-    result = encoded.evaluate(seal.Evaluator(context), _encrypt(params, context, generator, x, period), galois)
-    return plan, _decrypt(context, generator, result)
+    galois = seal.GaloisKeys()
+    generator.create_galois_keys(params.galois_elements(sorted(encoded.rotation_steps)), galois)
+    result = encoded.evaluate(seal.Evaluator(context), _encrypt(params, context, generator, packed), galois)
+    assert result.scale == encoded.output_scale
+    return plan, _decrypt(context, generator, result).reshape(virtual, lanes).T
 
 
 def test_dense_matrix_matches_numpy(keys):
     rng = np.random.default_rng(0)
     matrix, bias, x = rng.normal(size=(13, 37)), rng.normal(size=13), rng.normal(size=37)
     plan, y = _run(keys, matrix, bias, x)
-    np.testing.assert_allclose(y[:13], matrix @ x + bias, atol=1e-4)
+    np.testing.assert_allclose(y[0, :13], matrix @ x + bias, atol=1e-4)
     assert plan.products == 13 + 37 - 1
     assert plan.rotations < plan.products / 3  # baby/giant split, not one rotation per diagonal
 
@@ -70,7 +81,7 @@ def test_banded_matrix_needs_few_rotations(keys):
         matrix[np.arange(64 - offset), np.arange(offset, 64)] = rng.normal(size=64 - offset)
     x = rng.normal(size=64)
     plan, y = _run(keys, matrix, None, x)
-    np.testing.assert_allclose(y[:64], matrix @ x, atol=1e-4)
+    np.testing.assert_allclose(y[0, :64], matrix @ x, atol=1e-4)
     assert plan.products == 4 and plan.rotations <= 3
 
 
@@ -81,8 +92,25 @@ def test_replicated_layout_needs_one_product_per_output_row(keys):
     plan, y = _run(keys, matrix, bias, x, period=64)
     expected = np.zeros(16)
     expected[:13] = matrix @ x + bias
-    np.testing.assert_allclose(y, np.tile(expected, len(y) // 16), atol=1e-4)
+    np.testing.assert_allclose(y[0], np.tile(expected, y.shape[1] // 16), atol=1e-4)
     assert plan.products == 16 and plan.fold_steps == [16, 32] and plan.output_period == 16
+
+
+def test_lanes_carry_independent_inputs_at_the_cost_of_one(keys):
+    """Eight inputs interleaved in one ciphertext: each lane gets its own product, nothing mixes."""
+    rng = np.random.default_rng(3)
+    matrix, bias, xs = rng.normal(size=(13, 37)), rng.normal(size=13), rng.normal(size=(8, 37))
+    single, _ = _run(keys, matrix, bias, xs[:1], period=64)
+    plan, y = _run(keys, matrix, bias, xs, period=64)
+    np.testing.assert_allclose(y[:, :13], xs @ matrix.T + bias, atol=1e-4)
+    assert (plan.products, plan.rotations) == (single.products, single.rotations)
+
+
+def test_output_scale_can_be_lowered_for_the_last_layer(keys):
+    rng = np.random.default_rng(4)
+    matrix, x = rng.normal(size=(13, 37)), rng.normal(size=37)
+    _, y = _run(keys, matrix, None, x, output_scale=2.0**24)
+    np.testing.assert_allclose(y[0, :13], matrix @ x, atol=1e-3)
 
 
 def test_replicated_layout_refuses_what_does_not_fit():
@@ -107,11 +135,15 @@ def test_parameters_below_128_bit_security_are_refused():
         CkksParameters(poly_modulus_degree=8192, coeff_modulus_bits=[60, 40, 40, 40, 40], scale_bits=40)
 
 
-def test_parameters_are_chosen_from_depth_and_width():
-    params = choose_parameters(depth=3, slots_needed=4096)
-    assert (params.poly_modulus_degree, params.scale_bits, params.depth) == (8192, 38, 3)
-    assert sum(params.coeff_modulus_bits) <= 218
-    assert choose_parameters(depth=3, slots_needed=5000).poly_modulus_degree == 16384
-    assert choose_parameters(depth=8, slots_needed=100).poly_modulus_degree == 16384  # 8192 leaves < 26 bits
+def test_parameters_are_chosen_from_depth_width_and_value_range():
+    params = choose_parameters(depth=3, slots_needed=4096, value_bound=10_000)
+    # the first prime holds |values| < 2**14 at the 2**24 result scale, with a sign and a margin bit
+    assert params.coeff_modulus_bits == [40, 44, 44, 44, 44] and params.poly_modulus_degree == 8192
+    assert params.depth == 3 and sum(params.coeff_modulus_bits) <= MAX_MODULUS_BITS[8192]
+    assert choose_parameters(depth=3, slots_needed=100, value_bound=1e6).coeff_modulus_bits[0] == 46
+    assert choose_parameters(depth=3, slots_needed=5000, value_bound=100).poly_modulus_degree == 16384
+    assert choose_parameters(depth=8, slots_needed=100, value_bound=100).poly_modulus_degree == 16384
     with pytest.raises(InvalidArgumentError, match="within 128-bit security"):
-        choose_parameters(depth=40, slots_needed=4096)
+        choose_parameters(depth=40, slots_needed=4096, value_bound=100)
+    with pytest.raises(InvalidArgumentError, match="first prime"):
+        choose_parameters(depth=2, slots_needed=4096, value_bound=1e12)

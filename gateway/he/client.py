@@ -1,7 +1,8 @@
-"""Client side: keys from the public spec, encryption of one input, decryption of its logits.
+"""Client side: keys from the public spec, encryption of inputs, decryption of their logits.
 
 The secret key is made here and never leaves this object; what goes to the server is the
-relinearization key and Galois keys for exactly the spec's rotation steps.
+relinearization key and Galois keys for exactly the spec's rotation steps. Up to
+``spec.packing.lanes`` inputs share one ciphertext and cost the server as much as one.
 """
 
 from __future__ import annotations
@@ -13,11 +14,6 @@ from gateway.he.plan import EncryptionSpec
 from gateway.he.wire import dump, load_ciphertext
 from models.errors import InvalidArgumentError
 from models.quantization import QuantParams
-
-
-def galois_elements(steps: list[int], poly_modulus_degree: int) -> list[int]:
-    """SEAL's Galois element for a left rotation by ``step`` slots: ``3**step mod 2N``."""
-    return [pow(3, step, 2 * poly_modulus_degree) for step in steps]
 
 
 class ClientKeys:
@@ -34,25 +30,30 @@ class ClientKeys:
 
     def evaluation_keys(self) -> tuple[bytes, bytes]:
         """Seeded relinearization key and Galois keys (the spec's rotation steps only), as bytes."""
-        elements = galois_elements(self.spec.rotation_steps, self.spec.parameters.poly_modulus_degree)
+        elements = self.spec.parameters.galois_elements(self.spec.rotation_steps)
         return dump(self._generator.create_relin_keys()), dump(self._generator.create_galois_keys(elements))
 
-    def encrypt(self, x: np.ndarray) -> bytes:
-        """Encrypt one normalized input of the spec's input shape: a seeded ciphertext, as bytes."""
-        x = np.asarray(x)
-        if x.dtype != np.float32 or list(x.shape) != self.spec.input_shape:
-            raise InvalidArgumentError(
-                f"input must be float32 of shape {self.spec.input_shape}, got {x.dtype} {list(x.shape)}"
-            )
-        period = np.zeros(self.spec.input_period)
-        period[: self.spec.input_width] = self._input.dequantize(self._input.quantize(x)).ravel()
-        values = np.tile(period, self.spec.parameters.slots // self.spec.input_period)
+    def encrypt(self, inputs: np.ndarray) -> bytes:
+        """Encrypt one normalized input, or a batch ``[n, *input_shape]`` of up to ``lanes``.
+
+        The input is rounded to the model's uint8 grid first, as the int8 model would round it.
+
+        Raises:
+            InvalidArgumentError: not float32, wrong shape, or more inputs than one ciphertext holds.
+        """
+        inputs = np.asarray(inputs)
+        if inputs.dtype != np.float32:
+            raise InvalidArgumentError(f"inputs must be float32, got {inputs.dtype}")
+        if list(inputs.shape) == self.spec.input_shape:
+            inputs = inputs[None]
+        rounded = self._input.dequantize(self._input.quantize(inputs))
         plaintext = seal.Plaintext()
-        self._encoder.encode(values.tolist(), 2.0**self.spec.parameters.scale_bits, plaintext)
+        self._encoder.encode(self.spec.packing.pack(rounded).tolist(), 2.0**self.spec.parameters.scale_bits, plaintext)
         return dump(self._encryptor.encrypt_symmetric(plaintext))
 
-    def decrypt(self, result: bytes) -> np.ndarray:
-        """The logits in an encrypted result."""
+    def decrypt(self, result: bytes, count: int | None = None) -> np.ndarray:
+        """The logits of an encrypted result: ``[outputs]`` for one input, ``[count, outputs]`` for a batch."""
         plaintext = seal.Plaintext()
         seal.Decryptor(self.context, self._secret_key).decrypt(load_ciphertext(self.context, result), plaintext)
-        return np.array(self._encoder.decode_double(plaintext)[: self.spec.output_width])
+        logits = self.spec.packing.unpack(np.array(self._encoder.decode_double(plaintext)), count or 1)
+        return logits[0] if count is None else logits

@@ -21,8 +21,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from gateway.he.packing import ConvGeometry
 from models.errors import InvalidArgumentError
-from models.quantization import QuantParams
+from models.quantization import UINT8_MAX, QuantParams
 
 Op = Callable[[np.ndarray], np.ndarray]  # batch-first float64 arrays
 
@@ -31,6 +32,7 @@ Op = Callable[[np.ndarray], np.ndarray]  # batch-first float64 arrays
 class Affine:
     matrix: np.ndarray  # [outputs, inputs]
     bias: np.ndarray  # [outputs]
+    conv: ConvGeometry | None = None  # set when this map is exactly one Conv: it can take an im2col input
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,42 @@ class LoweredModel:
     def depth(self) -> int:
         return len(self.stages)
 
+    def bounds(self) -> list[float]:
+        """A bound on ``|value|`` after each stage, for every input the client can encrypt.
+
+        The client rounds its input to the model's uint8 grid, so each input value lies in the
+        grid's range; intervals carried through the affine maps (``|W|`` times the radius) and
+        the squares bound every intermediate value and the logits. Rigorous, and loose by the
+        ratio of worst-case to typical alignment of weights and inputs.
+        """
+        q = self.input_quantization
+        low, high = float(q.dequantize(np.array(0))), float(q.dequantize(np.array(UINT8_MAX)))
+        width = int(np.prod(self.input_shape))
+        low, high = np.full(width, low), np.full(width, high)
+        result = []
+        for stage in self.stages:
+            if isinstance(stage, Affine):
+                centre, radius = (low + high) / 2, (high - low) / 2
+                centre, radius = stage.matrix @ centre + stage.bias, np.abs(stage.matrix) @ radius
+                low, high = centre - radius, centre + radius
+            else:
+                top = np.maximum(low**2, high**2)
+                low, high = np.where((low <= 0) & (high >= 0), 0.0, np.minimum(low**2, high**2)), top
+            result.append(float(max(np.abs(low).max(), np.abs(high).max())))
+        return result
+
+    def evaluate(self, x: np.ndarray) -> np.ndarray:
+        """What the encrypted evaluation approximates, in float64: the int8 network without
+        onnxruntime's rounding of intermediate activations (the input is rounded, as the client does).
+
+        ``x``: normalized inputs ``[batch, *input_shape]``; returns ``[batch, outputs]``.
+        """
+        q = self.input_quantization
+        values = q.dequantize(q.quantize(np.asarray(x, np.float32))).reshape(len(x), -1).astype(np.float64)
+        for stage in self.stages:
+            values = values @ stage.matrix.T + stage.bias if isinstance(stage, Affine) else values * values
+        return values
+
 
 class UnsupportedOperatorError(InvalidArgumentError):
     """The graph holds an operator that the encrypted engine cannot evaluate."""
@@ -67,12 +105,15 @@ def _conv(weight: np.ndarray, bias: np.ndarray | None, attrs: dict) -> Op:
         raise UnsupportedOperatorError("Conv with groups or dilations is not supported")
 
     def run(x: np.ndarray) -> np.ndarray:
+        """One kernel offset at a time: memory stays at the output's size, not kernel-size times it."""
         x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
         _, _, kh, kw = weight.shape
         oh, ow = (x.shape[2] - kh) // stride[0] + 1, (x.shape[3] - kw) // stride[1] + 1
-        windows = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))
-        windows = windows[:, :, :: stride[0], :: stride[1]][:, :, :oh, :ow]
-        y = np.einsum("bchwij,ocij->bohw", windows, weight)
+        y = np.zeros((len(x), weight.shape[0], oh, ow))
+        for i in range(kh):
+            for j in range(kw):
+                patch = x[:, :, i : i + stride[0] * oh : stride[0], j : j + stride[1] * ow : stride[1]]
+                y += np.einsum("bchw,oc->bohw", patch, weight[:, :, i, j])
         return y + (bias.reshape(1, -1, 1, 1) if bias is not None else 0)
 
     return run
@@ -91,8 +132,10 @@ def _avgpool(attrs: dict) -> Op:
     return run
 
 
-def _affine(ops: list[Op], shape: list[int]) -> tuple[Affine, list[int]]:
-    """The affine map of a run of linear ops, probed with the zero and unit vectors."""
+def _affine(ops: list[Op], shape: list[int], conv: ConvGeometry | None) -> tuple[Affine, list[int]]:
+    """The affine map of a run of linear ops, probed with the zero and unit vectors.
+
+    ``conv`` is kept only when the run is that one convolution."""
     size = int(np.prod(shape))
     probes = np.concatenate([np.zeros((1, size)), np.eye(size)]).reshape(size + 1, *shape)
     out = probes
@@ -101,7 +144,8 @@ def _affine(ops: list[Op], shape: list[int]) -> tuple[Affine, list[int]]:
     out_shape = list(out.shape[1:])
     flat = out.reshape(size + 1, -1)
     bias = flat[0]
-    return Affine(matrix=(flat[1:] - bias).T.copy(), bias=bias.copy()), out_shape
+    matrix = (flat[1:] - bias).T.copy()
+    return Affine(matrix=matrix, bias=bias.copy(), conv=conv if len(ops) == 1 else None), out_shape
 
 
 def lower(path: Path) -> LoweredModel:
@@ -120,6 +164,7 @@ def lower(path: Path) -> LoweredModel:
 
     stages: list[Stage] = []
     pending: list[Op] = []
+    geometry: ConvGeometry | None = None  # the pending run's, while it is one Conv
     shape = list(input_shape)
     for node in graph.node:
         op, attrs = node.op_type, _attributes(node)
@@ -137,7 +182,15 @@ def lower(path: Path) -> LoweredModel:
             pending.append(lambda x: x.reshape(len(x), -1))
         elif op == "Conv":
             bias = constants.get(node.input[2]) if len(node.input) > 2 else None
-            pending.append(_conv(constants[node.input[1]], bias, attrs))
+            weight = constants[node.input[1]]
+            pending.append(_conv(weight, bias, attrs))
+            if not pending[:-1]:
+                geometry = ConvGeometry(
+                    input_shape=shape,
+                    kernel=list(weight.shape[2:]),
+                    stride=attrs.get("strides", [1, 1]),
+                    pads=attrs.get("pads", [0, 0, 0, 0]),
+                )
         elif op == "Gemm":
             if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
                 raise UnsupportedOperatorError(f"Gemm node {node.name!r}: only transA=0, alpha=beta=1")
@@ -148,16 +201,16 @@ def lower(path: Path) -> LoweredModel:
         elif op == "AveragePool":
             pending.append(_avgpool(attrs))
         elif op == "Mul" and node.input[0] == node.input[1]:
-            affine, shape = _affine(pending, shape)
+            affine, shape = _affine(pending, shape, geometry)
             stages += [affine, Square(width=affine.matrix.shape[0])]
-            pending = []
+            pending, geometry = [], None
         else:
             raise UnsupportedOperatorError(
                 f"operator {op} (node {node.name!r}) cannot be evaluated under CKKS; "
                 "supported: Conv, Gemm, AveragePool, Flatten, Mul(x, x), QuantizeLinear, DequantizeLinear"
             )
     if pending:
-        affine, shape = _affine(pending, shape)
+        affine, shape = _affine(pending, shape, geometry)
         stages.append(affine)
     if input_quantization is None:
         raise UnsupportedOperatorError("the graph does not quantize its input")

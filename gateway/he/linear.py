@@ -137,26 +137,56 @@ def plan_matrix(matrix: np.ndarray, bias: np.ndarray | None, *, slots: int) -> D
 
 
 class EncodedLinear:
-    """A :class:`DiagonalPlan` with its plaintexts encoded for one level: server-side, read-only."""
+    """A :class:`DiagonalPlan` with its plaintexts encoded for one level: server-side, read-only.
 
-    def __init__(self, plan: DiagonalPlan, *, context: seal.SEALContext, parms_id, input_scale: float) -> None:
+    The plan is in virtual positions; with ``lanes`` inputs interleaved per ciphertext (see
+    :mod:`gateway.he.packing`) each plaintext value is repeated across the lanes and a virtual
+    rotation by ``d`` is a physical rotation by ``d * lanes``.
+    """
+
+    def __init__(
+        self,
+        plan: DiagonalPlan,
+        *,
+        context: seal.SEALContext,
+        parms_id,
+        lanes: int,
+        input_scale: float,
+        output_scale: float | None = None,
+    ) -> None:
+        """``output_scale`` defaults to ``input_scale``; the last layer lowers it to fit the first prime.
+
+        A rotation adds key-switching noise of a roughly fixed size (about 2**17 here), which
+        only a large scale makes negligible. So a layer that lowers its scale rotates everything
+        first and rescales once at the end; the others rescale each partial sum first, because a
+        rotation one level lower is cheaper.
+        """
         self.plan = plan
+        self.rotate_before_rescale = output_scale is not None and output_scale < input_scale
+        self.lanes = lanes
         encoder = seal.CKKSEncoder(context)
         data = context.get_context_data(parms_id)
         dropped_prime = float(data.parms().coeff_modulus()[-1].value())
         self.input_scale = input_scale
-        self.output_scale = input_scale  # the product's scale, input_scale * prime, divided by the prime
+        self.output_scale = output_scale or input_scale
+        # (input_scale * plaintext_scale) / dropped_prime == output_scale after the rescale
+        plaintext_scale = dropped_prime * self.output_scale / input_scale
         next_parms_id = data.next_context_data().parms_id()
         self._plaintexts: dict[tuple[int, int], seal.Plaintext] = {}
         for d, diag in plan.diagonals.items():
             giant, baby = d - d % plan.baby, d % plan.baby
             plaintext = seal.Plaintext()
-            encoder.encode(np.roll(diag, giant).tolist(), parms_id, dropped_prime, plaintext)
+            encoder.encode(np.repeat(np.roll(diag, giant), lanes).tolist(), parms_id, plaintext_scale, plaintext)
             self._plaintexts[(giant, baby)] = plaintext
         self._bias = None
         if plan.bias is not None:
             self._bias = seal.Plaintext()
-            encoder.encode(plan.bias.tolist(), next_parms_id, self.output_scale, self._bias)
+            encoder.encode(np.repeat(plan.bias, lanes).tolist(), next_parms_id, self.output_scale, self._bias)
+
+    @property
+    def rotation_steps(self) -> set[int]:
+        """The physical rotation steps: the Galois keys this layer needs."""
+        return {step * self.lanes for step in self.plan.rotation_steps}
 
     def evaluate(self, evaluator: seal.Evaluator, x: seal.Ciphertext, galois_keys: seal.GaloisKeys) -> seal.Ciphertext:
         """``M x + b``, one level below ``x``."""
@@ -164,7 +194,7 @@ class EncodedLinear:
         for step in self.plan.baby_steps:
             if step:
                 rotated[step] = seal.Ciphertext()
-                evaluator.rotate_vector(x, step, galois_keys, rotated[step])
+                evaluator.rotate_vector(x, step * self.lanes, galois_keys, rotated[step])
         total = None
         for giant in self.plan.giant_steps:
             partial = None
@@ -178,17 +208,20 @@ class EncodedLinear:
                     partial = product
                 else:
                     evaluator.add_inplace(partial, product)
-            evaluator.rescale_to_next_inplace(partial)  # rotate at the lower level: cheaper
+            if not self.rotate_before_rescale:
+                evaluator.rescale_to_next_inplace(partial)
             if giant:
-                evaluator.rotate_vector_inplace(partial, giant, galois_keys)
+                evaluator.rotate_vector_inplace(partial, giant * self.lanes, galois_keys)
             if total is None:
                 total = partial
             else:
                 evaluator.add_inplace(total, partial)
         for step in self.plan.fold_steps:
             shifted = seal.Ciphertext()
-            evaluator.rotate_vector(total, step, galois_keys, shifted)
+            evaluator.rotate_vector(total, step * self.lanes, galois_keys, shifted)
             evaluator.add_inplace(total, shifted)
+        if self.rotate_before_rescale:
+            evaluator.rescale_to_next_inplace(total)
         total.scale = self.output_scale
         if self._bias is not None:
             evaluator.add_plain_inplace(total, self._bias)

@@ -8,6 +8,7 @@ the values SEAL's ``CoeffModulus.MaxBitCount(N, tc128)`` returns; a test checks 
 
 from __future__ import annotations
 
+import math
 from functools import cached_property
 
 import tenseal.sealapi as seal
@@ -17,6 +18,8 @@ from models.errors import InvalidArgumentError
 
 MAX_MODULUS_BITS = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
 MAX_PRIME_BITS = 60
+MIN_SCALE_BITS = 26  # below this, the intermediate layers' rounding reaches the logits' third decimal
+RESULT_SCALE_BITS = 24  # the result's rounding, ~2**-24 relative: far below any logit margin
 
 
 class CkksParameters(BaseModel):
@@ -32,6 +35,7 @@ class CkksParameters(BaseModel):
     poly_modulus_degree: int = Field(description="ring degree N; N/2 slots")
     coeff_modulus_bits: list[int] = Field(min_length=3)
     scale_bits: int = Field(ge=20, le=MAX_PRIME_BITS)
+    result_scale_bits: int = Field(default=RESULT_SCALE_BITS, ge=10, le=MAX_PRIME_BITS)
 
     @model_validator(mode="after")
     def _secure(self) -> CkksParameters:
@@ -55,6 +59,10 @@ class CkksParameters(BaseModel):
     def depth(self) -> int:
         return len(self.coeff_modulus_bits) - 2
 
+    def galois_elements(self, steps: list[int]) -> list[int]:
+        """SEAL's Galois element for a left rotation by ``step`` slots: ``3**step mod 2N``."""
+        return [pow(3, step, 2 * self.poly_modulus_degree) for step in steps]
+
     @cached_property
     def seal_context(self) -> seal.SEALContext:
         """The SEAL context; SEAL re-checks the 128-bit limit itself."""
@@ -68,29 +76,41 @@ class CkksParameters(BaseModel):
 
 
 def choose_parameters(
-    *, depth: int, slots_needed: int, integer_bits: int = 14, min_scale_bits: int = 26
+    *, depth: int, slots_needed: int, value_bound: float, result_scale_bits: int = RESULT_SCALE_BITS
 ) -> CkksParameters:
     """The smallest ring that holds ``slots_needed`` values through ``depth`` rescales, with the
-    largest scale (the most precision) that ring allows at 128-bit security.
+    largest scale that ring allows at 128-bit security.
+
+    The first prime is the only one left in a result, so it sets the result's size: it holds
+    values up to ``value_bound`` at ``2**result_scale_bits`` (the last layer lowers the scale to
+    that), plus a sign bit and a bit of margin. Every other prime, special prime included, gets
+    the scale: the whole rest of the modulus budget, for precision in the intermediate layers.
 
     Args:
         depth: multiplicative depth (rescales) of the plan.
         slots_needed: the widest vector the plan packs into one ciphertext.
-        integer_bits: bits above the scale that the first prime keeps for the result's integer
-            part; the last-level values must stay below ``2**integer_bits`` in magnitude.
-        min_scale_bits: the least precision worth having; smaller rings that only fit with a
-            smaller scale are skipped.
+        value_bound: a bound on ``|value|`` at every stage (see ``LoweredModel.bounds``).
+        result_scale_bits: precision of the result; ``2**-result_scale_bits`` is about its rounding.
 
     Raises:
         InvalidArgumentError: nothing within 128-bit security fits.
     """
+    first = result_scale_bits + max(1, math.ceil(math.log2(max(value_bound, 1.0)))) + 2
+    if first > MAX_PRIME_BITS:
+        raise InvalidArgumentError(
+            f"values up to {value_bound:.3g} need a {first}-bit first prime; at most {MAX_PRIME_BITS} bits exist"
+        )
     for degree, limit in sorted(MAX_MODULUS_BITS.items()):
-        scale = min(MAX_PRIME_BITS - integer_bits, (limit - 2 * integer_bits) // (depth + 2))
-        if degree // 2 >= slots_needed and scale >= min_scale_bits:
-            first = scale + integer_bits
-            bits = [first] + [scale] * depth + [first]
-            return CkksParameters(poly_modulus_degree=degree, coeff_modulus_bits=bits, scale_bits=scale)
+        scale = min(MAX_PRIME_BITS, (limit - first) // (depth + 1))
+        if degree // 2 >= slots_needed and scale >= max(MIN_SCALE_BITS, first):
+            bits = [first] + [scale] * (depth + 1)
+            return CkksParameters(
+                poly_modulus_degree=degree,
+                coeff_modulus_bits=bits,
+                scale_bits=scale,
+                result_scale_bits=result_scale_bits,
+            )
     raise InvalidArgumentError(
         f"no ring degree holds {slots_needed} slots at depth {depth} with a scale of at least "
-        f"{min_scale_bits} bits within 128-bit security"
+        f"{MIN_SCALE_BITS} bits and a {first}-bit first prime within 128-bit security"
     )

@@ -7,6 +7,10 @@ made under other parameters, raise :class:`InvalidArgumentError` here instead of
 evaluator. A well-formed ciphertext under someone else's key cannot be detected: it decrypts to
 noise for its sender, and nobody else can decrypt the result.
 
+Clients that come from TenSEAL may send a serialized TenSEAL context instead of bare keys:
+:func:`load_public_context` takes its keys only if it holds no secret key and was made with
+exactly this model's parameters.
+
 What clients send is seeded: a freshly encrypted ciphertext or a freshly generated key carries
 a PRNG seed instead of its uniformly random half, which halves its size on the wire.
 """
@@ -19,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import tenseal
 import tenseal.sealapi as seal
 
 from models.errors import InvalidArgumentError
@@ -56,3 +61,27 @@ def load_relin_keys(context: seal.SEALContext, data: bytes) -> seal.RelinKeys:
 
 def load_galois_keys(context: seal.SEALContext, data: bytes) -> seal.GaloisKeys:
     return _load(seal.GaloisKeys, context, data, "Galois keys")
+
+
+def load_public_context(context: seal.SEALContext, data: bytes) -> tuple[seal.RelinKeys, seal.GaloisKeys]:
+    """The relinearization and Galois keys of a serialized TenSEAL context.
+
+    Raises:
+        InvalidArgumentError: the bytes are not a TenSEAL context, the context holds a secret key
+            (it would have let the server decrypt: refused, nothing kept), its parameters differ
+            from this model's, or it lacks relinearization or Galois keys.
+    """
+    try:
+        client = tenseal.context_from(data)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise InvalidArgumentError(f"not a serialized TenSEAL context: {exc}") from None
+    if client.is_private():
+        del client
+        raise InvalidArgumentError(
+            "the context contains a secret key; serialize it with save_secret_key=False: the server must not hold it"
+        )
+    if client.seal_context().data.key_parms_id() != context.key_parms_id():
+        raise InvalidArgumentError("the context's encryption parameters differ from this model's spec")
+    if not (client.has_relin_keys() and client.has_galois_keys()):
+        raise InvalidArgumentError("the context lacks relinearization or Galois keys")
+    return client.relin_keys().data, client.galois_keys().data
