@@ -7,16 +7,20 @@ keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import shlex
 import sys
 from pathlib import Path
 
+import numpy as np
+
+from gateway.settings import BUNDLED_REPOSITORY
 from models.errors import HegateError
 from models.manifest import Manifest
 from models.repository import ModelRepository
 
-BUNDLED_REPOSITORY = Path(__file__).resolve().parent.parent / "models" / "bundled"
+DEFAULT_MODEL = "mnist-cnn-eps3"
 
 
 def _epsilon(text: str) -> float:
@@ -68,9 +72,92 @@ def _print_models(manifests: list[Manifest], sizes: list[int]) -> None:
 
 
 def _models(args: argparse.Namespace) -> int:
+    if args.target:
+        with _client(args) as client:
+            infos = client.list_models()
+        _print_models([m.manifest for m in infos], [m.manifest.files["model.onnx"].bytes for m in infos])
+        encrypted = [f"{m.name} ({m.lanes} per ciphertext)" for m in infos if m.encrypted]
+        print(f"encrypted: {', '.join(encrypted) or 'none'}")
+        return 0
     repository = ModelRepository(args.repo)
     artifacts = repository.artifacts()
     _print_models([a.manifest for a in artifacts], [a.model_bytes for a in artifacts])
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gateway.server.app import Gateway
+    from gateway.settings import load_settings
+
+    tls = None
+    if args.tls_cert or args.tls_key:
+        tls = {"cert_file": args.tls_cert, "key_file": args.tls_key, "client_ca_file": args.tls_client_ca}
+    api_keys = None
+    if args.api_key:
+        pairs = [item.partition("=") for item in args.api_key]
+        if any(not key or not tenant for key, _, tenant in pairs):
+            raise argparse.ArgumentTypeError("--api-key takes KEY=TENANT")
+        api_keys = {key: tenant for key, _, tenant in pairs}
+    settings = load_settings(
+        config_file=args.config,
+        repository=args.repo,
+        address=args.address,
+        workers=args.workers,
+        metrics_port=args.metrics_port,
+        api_keys=api_keys,
+        tls=tls,
+        queue_limit=args.queue_limit,
+        key_budget_bytes=args.key_budget_mib and args.key_budget_mib << 20,
+        key_ttl_seconds=args.key_ttl,
+        grace_seconds=args.grace,
+    )
+
+    async def run() -> None:
+        gateway = Gateway(settings)
+        await gateway.start()
+        host = settings.address.rpartition(":")[0]
+        metrics = f", metrics on http://{host}:{gateway.metrics_port}/metrics" if gateway.metrics_port else ""
+        print(f"hegate: serving {settings.repository} on {host}:{gateway.port}{metrics}; Ctrl-C stops", flush=True)
+        await gateway.wait()
+
+    asyncio.run(run())
+    return 0
+
+
+def _client(args: argparse.Namespace):
+    from gateway.client import HegateClient
+
+    return HegateClient(args.target or "127.0.0.1:8001", api_key=args.api_key, tls_ca_file=args.tls_ca)
+
+
+def _infer(args: argparse.Namespace) -> int:
+    from gateway.client.inputs import read_input
+
+    with _client(args) as client:
+        info = client.model(args.model)
+        x = read_input(args.input, info.manifest.input)
+        if args.plaintext:
+            from gateway.client import Prediction
+
+            prediction = Prediction(logits=client.predict(args.model, x), labels=info.manifest.output.labels)
+            print(f"{info.name}: plaintext path")
+        else:
+            with client.encrypted_session(args.model) as session:
+                print(
+                    f"{info.name}: encrypted path, keys {session.key_bytes / 2**20:.1f} MiB registered in "
+                    f"{session.registration_seconds:.2f} s"
+                )
+                prediction = session.predict(x)
+    for index, (label, probabilities) in enumerate(zip(prediction.predicted, prediction.probabilities, strict=True)):
+        top = np.argsort(probabilities)[::-1][:3]
+        shown = ", ".join(f"{prediction.labels[i]}: {probabilities[i]:.3f}" for i in top)
+        print(f"[{index}] label {label}   ({shown})")
+    t = prediction.timings
+    if not args.plaintext:
+        print(
+            f"timings: encrypt {t.encrypt_ms:.1f} ms, call {t.call_ms:.1f} ms (server queue {t.server_queue_ms:.1f} "
+            f"ms, compute {t.server_compute_ms:.1f} ms), decrypt {t.decrypt_ms:.1f} ms"
+        )
     return 0
 
 
@@ -99,10 +186,41 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(handler=_train)
 
-    models = commands.add_parser("models", help="list the models of a repository")
+    models = commands.add_parser("models", help="list the models of a repository, or of a running gateway")
     models.add_argument("--repo", type=Path, default=BUNDLED_REPOSITORY, help="model repository (default: bundled)")
+    models.add_argument("--target", help="host:port of a running gateway (instead of --repo)")
+    _client_flags(models)
     models.set_defaults(handler=_models)
+
+    serve = commands.add_parser("serve", help="run the gateway (defaults: bundled models on 127.0.0.1:8001)")
+    serve.add_argument("--config", type=Path, help="TOML settings file; HEGATE_* variables and flags override it")
+    serve.add_argument("--repo", type=Path, help="model repository")
+    serve.add_argument("--address", help="host:port to listen on (port 0: any free port)")
+    serve.add_argument("--workers", type=int, help="encrypted worker processes (default: cores)")
+    serve.add_argument("--metrics-port", type=int, help="Prometheus port (0: any free port)")
+    serve.add_argument("--api-key", action="append", metavar="KEY=TENANT", help="accept KEY for TENANT (repeatable)")
+    serve.add_argument("--tls-cert", type=Path, help="server certificate (PEM)")
+    serve.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    serve.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA (mTLS)")
+    serve.add_argument("--queue-limit", type=int, help="encrypted requests queued or running per model")
+    serve.add_argument("--key-budget-mib", type=int, help="memory for registered evaluation keys")
+    serve.add_argument("--key-ttl", type=float, help="seconds an unused key set stays registered")
+    serve.add_argument("--grace", type=float, help="seconds in-flight requests get at shutdown")
+    serve.set_defaults(handler=_serve)
+
+    infer = commands.add_parser("infer", help="classify an input through a running gateway (encrypted by default)")
+    infer.add_argument("input", type=Path, help=".npy of raw values (one input or a batch) or an image file")
+    infer.add_argument("--model", default=DEFAULT_MODEL)
+    infer.add_argument("--plaintext", action="store_true", help="send the input unencrypted (trusted callers)")
+    infer.add_argument("--target", help="host:port of the gateway (default 127.0.0.1:8001)")
+    _client_flags(infer)
+    infer.set_defaults(handler=_infer)
     return parser
+
+
+def _client_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--api-key", help="API key, if the gateway requires one")
+    parser.add_argument("--tls-ca", type=Path, help="CA certificate of the gateway (PEM): connect with TLS")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -347,7 +347,7 @@ class NumbaModel:
         Raises:
             InvalidArgumentError: ``x`` is not a float32 array of shape ``[batch, *input_shape]``.
         """
-        if not isinstance(x, np.ndarray) or x.dtype is not _FLOAT32 or x.shape[1:] != self.input_shape:
+        if not isinstance(x, np.ndarray) or x.dtype != _FLOAT32 or x.shape[1:] != self.input_shape:
             raise InvalidArgumentError(
                 f"inputs must be a float32 array of shape [batch, {', '.join(map(str, self.input_shape))}], "
                 f"got {type(x).__name__} {getattr(x, 'dtype', '')} {list(getattr(x, 'shape', []))}"

@@ -28,3 +28,36 @@ class ModelArtifactError(HegateError):
 
 class MissingExtraError(HegateError):
     """An optional dependency group is not installed; the message names the install command."""
+
+
+class ResourceExhaustedError(HegateError):
+    """A request exceeds a bounded resource (a memory budget, a queue's capacity, ...).
+
+    Bounds keep one client from starving the others; the message names the bound and the amount
+    asked for, so the caller can tell whether a smaller request or a later retry can succeed.
+    """
+
+
+class UnauthenticatedError(HegateError):
+    """The call carries no API key, or one that the configuration does not know."""
+
+
+class DeadlineExceededError(HegateError):
+    """The caller's deadline passed before the work finished; the work is abandoned."""
+
+
+class UnavailableError(HegateError):
+    """The service cannot take the request right now (starting, stopping, replacing workers);
+    the same request may succeed on retry."""
+
+
+class InternalError(HegateError):
+    """Something failed that the caller could not have caused or avoided; it is logged."""
+
+
+class WorkerCrashedError(InternalError):
+    """An evaluation worker process died while holding the request; a replacement is starting.
+
+    If the request's own bytes crashed it, retrying will crash the replacement too, which is
+    why this is not reported as retryable.
+    """

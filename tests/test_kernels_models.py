@@ -12,6 +12,7 @@ from kernels import NumbaModel
 from kernels.compiler import compile_file
 from kernels.plan import Gemm
 from models import onnx_runtime
+from models.errors import InvalidArgumentError
 from models.repository import ModelArtifact, load_artifact
 
 BUNDLED = sorted(path.parent for path in BUNDLED_REPOSITORY.glob("*/*/manifest.json"))
@@ -93,3 +94,16 @@ def test_bundled_model_matches_onnxruntime_on_its_whole_test_set(directory, requ
     x = artifact.manifest.input.normalization.apply(dataset.test.x)  # = dataset.normalize(x)
     logits = _assert_matches_onnxruntime(artifact.onnx_path, x)
     assert len(logits) == len(dataset.test.y)
+
+
+def test_any_float32_dtype_object_is_accepted_and_other_dtypes_are_refused(digits_models, digits):
+    """Arrays decoded from the wire carry a float32 dtype that is equal to, not the same object
+    as, ``np.dtype(np.float32)``; the check compares dtypes, not their identity."""
+    model = NumbaModel.load(digits_models[0])
+    x = digits.normalize(digits.test.x[:3])
+    wire = np.frombuffer(x.tobytes(), dtype=np.dtype("<f4")).astype(np.dtype("<f4").newbyteorder("="))
+    wire = wire.reshape(x.shape)
+    assert wire.dtype is not np.dtype(np.float32)
+    np.testing.assert_array_equal(model.predict_logits(wire), model.predict_logits(x))
+    with pytest.raises(InvalidArgumentError, match="float32"):
+        model.predict_logits(x.astype(np.float64))

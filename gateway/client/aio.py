@@ -1,0 +1,151 @@
+"""The asyncio client and its encrypted session: the same calls as :mod:`gateway.client.sync`.
+
+Encryption and decryption are CPU work; they run in a thread so the caller's event loop keeps
+serving (TenSEAL holds the GIL, so they do not run in parallel with each other).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import numpy as np
+
+from gateway.api import grpc_predict_v2_pb2 as oip
+from gateway.api import grpc_predict_v2_pb2_grpc as oip_grpc
+from gateway.api import hegate_v1_pb2 as hv1
+from gateway.api import hegate_v1_pb2_grpc as hv1_grpc
+from gateway.client.protocol import (
+    ClientOptions,
+    ModelInfo,
+    Prediction,
+    Progress,
+    Timings,
+    batches,
+    encrypted_request,
+    infer_request,
+    key_chunks,
+    logits_of,
+    model_infos,
+    spec_of,
+    translated_errors,
+)
+from gateway.he.client import ClientKeys
+from gateway.he.plan import EncryptionSpec
+from models.errors import NotFoundError
+
+
+class AsyncHegateClient:
+    """``async with AsyncHegateClient(target, api_key=...) as client: ...``"""
+
+    def __init__(self, target: str = "127.0.0.1:8001", **options) -> None:
+        self.options = ClientOptions(target=target, **options)
+        credentials = self.options.credentials()
+        if credentials is None:
+            self.channel = grpc.aio.insecure_channel(target, options=self.options.channel_options)
+        else:
+            self.channel = grpc.aio.secure_channel(target, credentials, options=self.options.channel_options)
+        self._oip = oip_grpc.GRPCInferenceServiceStub(self.channel)
+        self._hegate = hv1_grpc.EncryptedInferenceStub(self.channel)
+        self._models: dict[str, ModelInfo] | None = None
+
+    async def _call(self, method, request):
+        with translated_errors():
+            return await method(request, metadata=self.options.metadata, timeout=self.options.timeout_seconds)
+
+    async def list_models(self) -> list[ModelInfo]:
+        infos = model_infos(await self._call(self._hegate.ListModels, hv1.ListModelsRequest()))
+        self._models = {f"{m.name}/{m.version}": m for m in infos} | {m.name: m for m in infos}
+        return infos
+
+    async def model(self, name: str, version: str = "") -> ModelInfo:
+        if self._models is None:
+            await self.list_models()
+        info = self._models.get(f"{name}/{version}" if version else name)
+        if info is None:
+            raise NotFoundError(f"the gateway serves no model {name!r}" + (f" version {version}" if version else ""))
+        return info
+
+    async def live(self) -> bool:
+        return (await self._call(self._oip.ServerLive, oip.ServerLiveRequest())).live
+
+    async def predict(self, model: str, x: np.ndarray, *, version: str = "") -> np.ndarray:
+        request = infer_request(await self.model(model, version), x)
+        return logits_of(await self._call(self._oip.ModelInfer, request))
+
+    async def spec(self, model: str, version: str = "") -> EncryptionSpec:
+        request = hv1.GetEncryptionSpecRequest(model_name=model, model_version=version)
+        return spec_of(await self._call(self._hegate.GetEncryptionSpec, request))
+
+    async def encrypted_session(
+        self, model: str, *, version: str = "", progress: Progress | None = None
+    ) -> AsyncEncryptedSession:
+        session = AsyncEncryptedSession(self, await self.model(model, version))
+        await session.register(progress)
+        return session
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncHegateClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+class AsyncEncryptedSession:
+    def __init__(self, client: AsyncHegateClient, model: ModelInfo) -> None:
+        self.client = client
+        self.model = model
+
+    async def register(self, progress: Progress | None = None) -> None:
+        self.spec = await self.client.spec(self.model.name, self.model.version)
+        self.keys = await asyncio.to_thread(ClientKeys, self.spec)
+        relin, galois = await asyncio.to_thread(self.keys.evaluation_keys)
+        self.key_bytes = len(relin) + len(galois)
+        started = time.perf_counter()
+        with translated_errors():
+            response = await self.client._hegate.RegisterKeys(
+                key_chunks(self.model, relin, galois, progress),
+                metadata=self.client.options.metadata,
+                timeout=self.client.options.timeout_seconds,
+            )
+        self.registration_seconds = time.perf_counter() - started
+        self.key_id = response.key_id
+
+    @property
+    def lanes(self) -> int:
+        return self.spec.packing.lanes
+
+    async def _one(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        started = time.perf_counter()
+        ciphertext = await asyncio.to_thread(self.keys.encrypt, batch)
+        encrypted = time.perf_counter()
+        request = encrypted_request(self.model, self.key_id, ciphertext, len(batch))
+        response = await self.client._call(self.client._hegate.Infer, request)
+        called = time.perf_counter()
+        logits = await asyncio.to_thread(self.keys.decrypt, response.ciphertext, len(batch))
+        server = response.timings
+        steps = [encrypted - started, called - encrypted, time.perf_counter() - called]
+        return logits, np.array([*steps, server.queue_ms / 1e3, server.compute_ms / 1e3])
+
+    async def predict(self, x: np.ndarray) -> Prediction:
+        """Like :meth:`EncryptedSession.predict`; the ciphertexts of a large batch travel concurrently."""
+        results = await asyncio.gather(*(self._one(b) for b in batches(x, self.spec.input_shape, self.lanes)))
+        totals = sum(t for _, t in results)
+        return Prediction(
+            logits=np.concatenate([logits for logits, _ in results]),
+            labels=self.model.manifest.output.labels,
+            timings=Timings(*(float(v) for v in 1e3 * totals)),
+        )
+
+    async def close(self) -> None:
+        await self.client._call(self.client._hegate.DeleteKeys, hv1.DeleteKeysRequest(key_id=self.key_id))
+
+    async def __aenter__(self) -> AsyncEncryptedSession:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

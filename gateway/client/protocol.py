@@ -1,0 +1,175 @@
+"""What both clients share: options, channels, request building, response reading, errors.
+
+Everything here is free of I/O, so the sync and asyncio clients differ only in how they call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.api import grpc_predict_v2_pb2 as oip
+from gateway.api import hegate_v1_pb2 as hv1
+from gateway.he.plan import EncryptionSpec
+from gateway.server.auth import API_KEY_HEADER
+from gateway.status import error_for
+from models.errors import InvalidArgumentError
+from models.manifest import Manifest
+
+CHUNK_BYTES = 1 << 20  # key upload chunks: well under any server's message limit
+Progress = Callable[[int, int], None]  # (bytes sent, bytes in all)
+
+
+class ClientOptions(BaseModel):
+    """Where and how to connect; mirrors the server's TLS and API-key settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target: str = "127.0.0.1:8001"
+    api_key: str | None = None
+    tls_ca_file: Path | None = Field(default=None, description="PEM CA that signed the server; enables TLS")
+    tls_cert_file: Path | None = Field(default=None, description="client certificate, for mutual TLS")
+    tls_key_file: Path | None = None
+    timeout_seconds: float = Field(default=60.0, gt=0, description="deadline of each call")
+    max_message_bytes: int = 64 << 20
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((API_KEY_HEADER, self.api_key),) if self.api_key else ()
+
+    @property
+    def channel_options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+        ]
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        if self.tls_ca_file is None:
+            return None
+        read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
+        return grpc.ssl_channel_credentials(read(self.tls_ca_file), read(self.tls_key_file), read(self.tls_cert_file))
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: str
+    manifest: Manifest
+    encrypted: bool
+    lanes: int
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Milliseconds: the client's own steps and what the server reports."""
+
+    encrypt_ms: float = 0.0
+    call_ms: float = 0.0
+    decrypt_ms: float = 0.0
+    server_queue_ms: float = 0.0
+    server_compute_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Logits ``[n, classes]`` and what they mean."""
+
+    logits: np.ndarray
+    labels: list[str]
+    timings: Timings = field(default_factory=Timings)
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        shifted = np.exp(self.logits - self.logits.max(axis=1, keepdims=True))
+        return shifted / shifted.sum(axis=1, keepdims=True)
+
+    @property
+    def predicted(self) -> list[str]:
+        return [self.labels[i] for i in self.logits.argmax(axis=1)]
+
+
+@contextlib.contextmanager
+def translated_errors() -> Iterator[None]:
+    """gRPC failures become the domain errors that the server raised."""
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise error_for(exc.code(), exc.details() or "") from None
+
+
+def model_infos(response: hv1.ListModelsResponse) -> list[ModelInfo]:
+    return [
+        ModelInfo(
+            name=m.name,
+            version=m.version,
+            manifest=Manifest.model_validate_json(m.manifest_json),
+            encrypted=m.encrypted,
+            lanes=m.lanes,
+        )
+        for m in response.models
+    ]
+
+
+def infer_request(model: ModelInfo, x: np.ndarray) -> oip.ModelInferRequest:
+    """One plaintext request for a batch ``[n, *input_shape]`` (or one input) of normalized inputs."""
+    x = np.asarray(x)
+    if x.dtype != np.float32:
+        raise InvalidArgumentError(f"inputs must be float32 (normalized, as the manifest says), got {x.dtype}")
+    x = np.ascontiguousarray(x, dtype="<f4")
+    if list(x.shape) == model.manifest.input.shape:
+        x = x[None]
+    tensor = oip.ModelInferRequest.InferInputTensor(name=model.manifest.input.name, datatype="FP32", shape=x.shape)
+    return oip.ModelInferRequest(
+        model_name=model.name, model_version=model.version, inputs=[tensor], raw_input_contents=[x.tobytes()]
+    )
+
+
+def logits_of(response: oip.ModelInferResponse) -> np.ndarray:
+    output = response.outputs[0]
+    return np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(tuple(output.shape)).copy()
+
+
+def spec_of(response: hv1.GetEncryptionSpecResponse) -> EncryptionSpec:
+    return EncryptionSpec.model_validate_json(response.spec_json)
+
+
+def key_chunks(
+    model: ModelInfo, relin: bytes, galois: bytes, progress: Progress | None = None
+) -> Iterator[hv1.RegisterKeysChunk]:
+    """The upload: a header, then the relinearization and Galois key bytes in 1 MiB chunks."""
+    total = len(relin) + len(galois)
+    header = hv1.KeysHeader(
+        model_name=model.name,
+        model_version=model.version,
+        format=hv1.KEY_FORMAT_SEAL,
+        relin_keys_bytes=len(relin),
+        galois_keys_bytes=len(galois),
+        total_bytes=total,
+    )
+    yield hv1.RegisterKeysChunk(header=header)
+    data = memoryview(relin + galois)
+    for start in range(0, total, CHUNK_BYTES):
+        yield hv1.RegisterKeysChunk(data=bytes(data[start : start + CHUNK_BYTES]))
+        if progress is not None:
+            progress(min(start + CHUNK_BYTES, total), total)
+
+
+def encrypted_request(model: ModelInfo, key_id: str, ciphertext: bytes, count: int) -> hv1.InferRequest:
+    return hv1.InferRequest(
+        model_name=model.name, model_version=model.version, key_id=key_id, ciphertext=ciphertext, count=count
+    )
+
+
+def batches(x: np.ndarray, shape: list[int], lanes: int) -> list[np.ndarray]:
+    """One input or a batch, split into groups that each fit one ciphertext."""
+    x = np.asarray(x)
+    if list(x.shape) == shape:
+        x = x[None]
+    return [x[i : i + lanes] for i in range(0, len(x), lanes)]

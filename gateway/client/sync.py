@@ -1,0 +1,151 @@
+"""The blocking client and its encrypted session."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import numpy as np
+
+from gateway.api import grpc_predict_v2_pb2 as oip
+from gateway.api import grpc_predict_v2_pb2_grpc as oip_grpc
+from gateway.api import hegate_v1_pb2 as hv1
+from gateway.api import hegate_v1_pb2_grpc as hv1_grpc
+from gateway.client.protocol import (
+    ClientOptions,
+    ModelInfo,
+    Prediction,
+    Progress,
+    Timings,
+    batches,
+    encrypted_request,
+    infer_request,
+    key_chunks,
+    logits_of,
+    model_infos,
+    spec_of,
+    translated_errors,
+)
+from gateway.he.client import ClientKeys
+from gateway.he.plan import EncryptionSpec
+from models.errors import NotFoundError
+
+
+class HegateClient:
+    """A connection to one gateway. ``HegateClient(target, api_key=..., tls_ca_file=...)``."""
+
+    def __init__(self, target: str = "127.0.0.1:8001", **options) -> None:
+        self.options = ClientOptions(target=target, **options)
+        credentials = self.options.credentials()
+        if credentials is None:
+            self.channel = grpc.insecure_channel(target, options=self.options.channel_options)
+        else:
+            self.channel = grpc.secure_channel(target, credentials, options=self.options.channel_options)
+        self._oip = oip_grpc.GRPCInferenceServiceStub(self.channel)
+        self._hegate = hv1_grpc.EncryptedInferenceStub(self.channel)
+        self._models: dict[str, ModelInfo] | None = None
+
+    def _call(self, method, request):
+        with translated_errors():
+            return method(request, metadata=self.options.metadata, timeout=self.options.timeout_seconds)
+
+    def list_models(self) -> list[ModelInfo]:
+        """Every served model with its manifest (DP record, accuracy) and whether it serves encrypted."""
+        infos = model_infos(self._call(self._hegate.ListModels, hv1.ListModelsRequest()))
+        self._models = {f"{m.name}/{m.version}": m for m in infos} | {m.name: m for m in infos}
+        return infos
+
+    def model(self, name: str, version: str = "") -> ModelInfo:
+        if self._models is None:
+            self.list_models()
+        info = self._models.get(f"{name}/{version}" if version else name)
+        if info is None:
+            raise NotFoundError(f"the gateway serves no model {name!r}" + (f" version {version}" if version else ""))
+        return info
+
+    def live(self) -> bool:
+        return self._call(self._oip.ServerLive, oip.ServerLiveRequest()).live
+
+    def predict(self, model: str, x: np.ndarray, *, version: str = "") -> np.ndarray:
+        """Plaintext logits ``[n, classes]`` for normalized float32 inputs (one, or a batch)."""
+        return logits_of(self._call(self._oip.ModelInfer, infer_request(self.model(model, version), x)))
+
+    def spec(self, model: str, version: str = "") -> EncryptionSpec:
+        request = hv1.GetEncryptionSpecRequest(model_name=model, model_version=version)
+        return spec_of(self._call(self._hegate.GetEncryptionSpec, request))
+
+    def encrypted_session(self, model: str, *, version: str = "", progress: Progress | None = None) -> EncryptedSession:
+        """Make keys for ``model`` here from its public spec and register them (once)."""
+        return EncryptedSession(self, self.model(model, version), progress=progress)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> HegateClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class EncryptedSession:
+    """A secret key that stays here, its evaluation keys registered on the gateway, and calls."""
+
+    def __init__(self, client: HegateClient, model: ModelInfo, *, progress: Progress | None = None) -> None:
+        self.client = client
+        self.model = model
+        self.spec = client.spec(model.name, model.version)
+        self.keys = ClientKeys(self.spec)
+        relin, galois = self.keys.evaluation_keys()
+        self.key_bytes = len(relin) + len(galois)
+        started = time.perf_counter()
+        with translated_errors():
+            response = client._hegate.RegisterKeys(
+                key_chunks(model, relin, galois, progress),
+                metadata=client.options.metadata,
+                timeout=client.options.timeout_seconds,
+            )
+        self.registration_seconds = time.perf_counter() - started
+        self.key_id = response.key_id
+
+    @property
+    def lanes(self) -> int:
+        return self.spec.packing.lanes
+
+    def predict(self, x: np.ndarray) -> Prediction:
+        """Encrypt, evaluate on the gateway, decrypt: one input or a batch of any size (each
+        ciphertext carries up to ``lanes`` inputs)."""
+        logits, totals = [], np.zeros(5)
+        for batch in batches(x, self.spec.input_shape, self.lanes):
+            started = time.perf_counter()
+            ciphertext = self.keys.encrypt(batch)
+            encrypted = time.perf_counter()
+            response = self.client._call(
+                self.client._hegate.Infer, encrypted_request(self.model, self.key_id, ciphertext, len(batch))
+            )
+            called = time.perf_counter()
+            logits.append(self.keys.decrypt(response.ciphertext, len(batch)))
+            done = time.perf_counter()
+            server = response.timings
+            totals += [
+                encrypted - started,
+                called - encrypted,
+                done - called,
+                server.queue_ms / 1e3,
+                server.compute_ms / 1e3,
+            ]
+        return Prediction(
+            logits=np.concatenate(logits),
+            labels=self.model.manifest.output.labels,
+            timings=Timings(*(float(v) for v in 1e3 * totals)),
+        )
+
+    def close(self) -> None:
+        """Delete the keys from the gateway."""
+        self.client._call(self.client._hegate.DeleteKeys, hv1.DeleteKeysRequest(key_id=self.key_id))
+
+    def __enter__(self) -> EncryptedSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

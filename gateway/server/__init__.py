@@ -1,0 +1,1 @@
+"""The gRPC server: servicers, worker pool, key registry wiring."""

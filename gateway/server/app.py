@@ -1,0 +1,141 @@
+"""One gateway: the models, the key registry, the workers and the grpc.aio server, started and
+stopped together.
+
+Start: load and compile every model, start the workers (each loads the encrypted plans), open
+the gRPC port (Open Inference Protocol, hegate.v1, health, reflection) and the metrics port.
+Stop (SIGTERM, SIGINT or :meth:`Gateway.stop`): health turns NOT_SERVING, the server stops
+accepting calls and gives in-flight ones ``grace_seconds`` to finish, then the workers stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gateway.api import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc, hegate_v1_pb2, hegate_v1_pb2_grpc
+from gateway.keystore import InMemoryKeyStore
+from gateway.server.auth import ApiKeyInterceptor
+from gateway.server.encrypted import EncryptedServicer, stored_keys
+from gateway.server.inference import InferenceServicer
+from gateway.server.metrics import GatewayMetrics
+from gateway.server.serving import ModelStore
+from gateway.settings import GatewaySettings
+from gateway.workers.pool import WorkerPool
+
+logger = logging.getLogger(__name__)
+EXPIRY_INTERVAL_SECONDS = 30.0
+SERVICES = (
+    grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+    hegate_v1_pb2.DESCRIPTOR.services_by_name["EncryptedInference"].full_name,
+)
+
+
+def _credentials(settings: GatewaySettings) -> grpc.ServerCredentials | None:
+    tls = settings.tls
+    if tls is None:
+        return None
+    ca = Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
+
+
+class Gateway:
+    """Create with settings, ``await start()``, then ``await wait()`` or ``await stop()``."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.metrics = GatewayMetrics()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._stopping = False
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        settings = self.settings
+        self.store = await asyncio.to_thread(ModelStore, settings.repository)
+        self.keys = InMemoryKeyStore(budget_bytes=settings.key_budget_bytes, ttl_seconds=settings.key_ttl_seconds)
+        self.pool = WorkerPool(
+            self.store.worker_models(),
+            workers=settings.workers,
+            stored_keys=lambda: [stored_keys(r) for r in self.keys.records()],
+            on_restart=self.metrics.worker_restarts.inc,
+        )
+        await self.pool.start()
+        options = [
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a second gateway on the same port must fail, not share it
+        ]
+        self.server = grpc.aio.server(interceptors=[ApiKeyInterceptor(settings.api_keys)], options=options)
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.store, self.metrics, max_batch=settings.max_batch, ready=self.ready), self.server
+        )
+        hegate_v1_pb2_grpc.add_EncryptedInferenceServicer_to_server(
+            EncryptedServicer(self.store, self.keys, self.pool, self.metrics, queue_limit=settings.queue_limit),
+            self.server,
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        health_service = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        reflection.enable_server_reflection((*SERVICES, health_service, reflection.SERVICE_NAME), self.server)
+        credentials = _credentials(settings)
+        if credentials is None:
+            self.port = self.server.add_insecure_port(settings.address)
+        else:
+            self.port = self.server.add_secure_port(settings.address, credentials)
+        await self.server.start()
+        for service in ("", *SERVICES):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if settings.metrics_port is not None:
+            host = settings.address.rpartition(":")[0].strip("[]") or "127.0.0.1"
+            self.metrics_port = self.metrics.serve(settings.metrics_port, host)
+        self._expiry = asyncio.get_running_loop().create_task(self._expire_keys())
+        logger.info(
+            "hegate listening on %s (port %d, %s), %d models (%d encrypted), %d workers, metrics on %s",
+            settings.address,
+            self.port,
+            "TLS" if credentials else "plaintext transport",
+            len(self.store.models()),
+            len(self.store.worker_models()),
+            settings.workers,
+            self.metrics_port,
+        )
+
+    def ready(self) -> bool:
+        return not self._stopping and (self.pool.alive > 0 or not self.store.worker_models())
+
+    async def _expire_keys(self) -> None:
+        while True:
+            await asyncio.sleep(EXPIRY_INTERVAL_SECONDS)
+            self.keys.expire()
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight calls finish within the grace period, stop the workers."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        logger.info("stopping: finishing in-flight requests (grace %.1f s)", self.settings.grace_seconds)
+        await self.health.enter_graceful_shutdown()
+        self._expiry.cancel()
+        await self.server.stop(self.settings.grace_seconds)
+        await self.pool.close()
+        self.metrics.close()
+        self._stopped.set()
+        logger.info("stopped")
+
+    async def wait(self) -> None:
+        """Serve until SIGTERM or SIGINT, then stop gracefully."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: loop.create_task(self.stop()))
+        await self._stopped.wait()

@@ -1,0 +1,116 @@
+"""The Open Inference Protocol (KServe V2) servicer: the plaintext path that stock clients use.
+
+It converts protobuf to arrays and back (:mod:`gateway.server.tensors`) and delegates to the
+:class:`~gateway.server.serving.ModelStore`; no model logic lives here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import grpc
+
+from gateway.api import grpc_predict_v2_pb2 as pb
+from gateway.api import grpc_predict_v2_pb2_grpc as pb_grpc
+from gateway.server.metrics import GatewayMetrics
+from gateway.server.rpc import rpc
+from gateway.server.serving import ModelStore
+from gateway.server.tensors import inputs_from_request, output_tensor
+from gateway.status import status_for
+from models.errors import HegateError, InvalidArgumentError
+
+SERVER_NAME = "hegate"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["hegate.v1.EncryptedInference"]
+PLATFORM = "hegate_int8"
+
+
+@contextmanager
+def observed(metrics: GatewayMetrics, model: str, path: str):
+    """Count the request under its final status and time its computation."""
+    started = time.perf_counter()
+    status = grpc.StatusCode.OK
+    try:
+        yield
+    except HegateError as exc:
+        status = status_for(exc)
+        raise
+    except Exception:
+        status = grpc.StatusCode.INTERNAL
+        raise
+    finally:
+        metrics.requests.labels(model, path, status.name).inc()
+        if status == grpc.StatusCode.OK:
+            metrics.compute_seconds.labels(model, path).observe(time.perf_counter() - started)
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(
+        self, store: ModelStore, metrics: GatewayMetrics, *, max_batch: int, ready: Callable[[], bool]
+    ) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.max_batch = max_batch
+        self._ready = ready
+
+    @rpc
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    @rpc
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self._ready())
+
+    @rpc
+    async def ModelReady(self, request, context):
+        self.store.get(request.name, request.version)
+        return pb.ModelReadyResponse(ready=self._ready())
+
+    @rpc
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
+
+    @rpc
+    async def ModelMetadata(self, request, context):
+        model = self.store.get(request.name, request.version)
+        manifest = model.artifact.manifest
+        return pb.ModelMetadataResponse(
+            name=model.name,
+            versions=[m.version for m in self.store.models() if m.name == model.name],
+            platform=PLATFORM,
+            inputs=[
+                pb.ModelMetadataResponse.TensorMetadata(
+                    name=manifest.input.name, datatype="FP32", shape=[-1, *manifest.input.shape]
+                )
+            ],
+            outputs=[
+                pb.ModelMetadataResponse.TensorMetadata(
+                    name=manifest.output.name, datatype="FP32", shape=[-1, len(manifest.output.labels)]
+                )
+            ],
+        )
+
+    @rpc
+    async def ModelInfer(self, request, context):
+        model = self.store.get(request.model_name, request.model_version)
+        with observed(self.metrics, model.name, "plaintext"):
+            manifest = model.artifact.manifest
+            inputs = inputs_from_request(request)
+            if list(inputs) != [manifest.input.name]:
+                raise InvalidArgumentError(
+                    f"model {model.name!r} takes one input named {manifest.input.name!r}, got {sorted(inputs)}"
+                )
+            wanted = [output.name for output in request.outputs]
+            if any(name != manifest.output.name for name in wanted):
+                raise InvalidArgumentError(f"model {model.name!r} has one output, {manifest.output.name!r}")
+            logits = model.predict(inputs[manifest.input.name], max_batch=self.max_batch)
+            tensor, raw = output_tensor(manifest.output.name, logits)
+            return pb.ModelInferResponse(
+                model_name=model.name,
+                model_version=model.version,
+                id=request.id,
+                outputs=[tensor],
+                raw_output_contents=[raw],
+            )

@@ -1,0 +1,107 @@
+"""The gateway's settings: one validated model, from a TOML file, ``HEGATE_*`` variables and flags.
+
+Precedence, lowest first: the defaults below (which serve the bundled models on loopback with an
+in-memory key registry and no authentication), the config file, environment variables
+(``HEGATE_WORKERS=2``, nested with ``__``: ``HEGATE_TLS__CERT_FILE=...``), then command-line
+flags. Anything invalid stops the start with one message naming every bad field.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict
+
+from models.errors import InvalidArgumentError
+
+BUNDLED_REPOSITORY = Path(__file__).resolve().parent.parent / "models" / "bundled"
+MIB = 1 << 20
+
+
+class TlsSettings(BaseModel):
+    """Server TLS; with ``client_ca_file`` the server also demands client certificates (mutual TLS)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cert_file: Path = Field(description="PEM certificate chain of the server")
+    key_file: Path = Field(description="PEM private key of the server")
+    client_ca_file: Path | None = Field(default=None, description="PEM CA bundle; set it to require client certs")
+
+    @model_validator(mode="after")
+    def _files_exist(self) -> TlsSettings:
+        for path in (self.cert_file, self.key_file, self.client_ca_file):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{path} does not exist")
+        return self
+
+
+class GatewaySettings(BaseSettings):
+    """Everything ``hegate serve`` can be told."""
+
+    model_config = SettingsConfigDict(env_prefix="HEGATE_", env_nested_delimiter="__", extra="forbid", frozen=True)
+
+    repository: Path = Field(default=BUNDLED_REPOSITORY, description="model repository to serve")
+    address: str = Field(default="127.0.0.1:8001", description="host:port of the gRPC server")
+    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256, description="encrypted workers")
+    metrics_port: int | None = Field(default=8002, ge=0, le=65535, description="Prometheus port; None disables")
+    api_keys: dict[str, str] = Field(
+        default_factory=dict, description="API key -> tenant; empty: no authentication (loopback default)"
+    )
+    tls: TlsSettings | None = None
+    max_message_bytes: int = Field(default=8 * MIB, ge=64 * 1024, description="largest message either way")
+    key_budget_bytes: int = Field(default=1024 * MIB, ge=MIB, description="registry memory for evaluation keys")
+    key_ttl_seconds: float = Field(default=3600.0, gt=0, description="keys unused this long are dropped")
+    queue_limit: int = Field(default=64, ge=1, description="encrypted requests queued or running per model")
+    max_batch: int = Field(default=4096, ge=1, description="largest plaintext batch per request")
+    grace_seconds: float = Field(default=10.0, ge=0, description="time in-flight requests get at shutdown")
+
+    @model_validator(mode="after")
+    def _checks(self) -> GatewaySettings:
+        if not (self.repository / ".").is_dir():
+            raise ValueError(f"repository {self.repository} is not a directory")
+        host, _, port = self.address.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"address must be host:port, got {self.address!r}")
+        if any(not key or not tenant for key, tenant in self.api_keys.items()):
+            raise ValueError("api_keys maps non-empty keys to non-empty tenant names")
+        return self
+
+    @property
+    def authenticated(self) -> bool:
+        return bool(self.api_keys)
+
+
+def _read_config(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InvalidArgumentError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidArgumentError(f"config file {path}: {exc}") from None
+
+
+def load_settings(*, config_file: Path | None = None, **overrides: Any) -> GatewaySettings:
+    """Defaults < ``config_file`` < ``HEGATE_*`` environment < ``overrides`` (flags; None = not given).
+
+    Raises:
+        InvalidArgumentError: a missing or malformed file, or any invalid value, all named at once.
+    """
+    from_file = _read_config(config_file)
+
+    class _WithFile(GatewaySettings):
+        @classmethod
+        def settings_customise_sources(cls, settings_cls, init_settings, env_settings, **_):
+            return init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=from_file)
+
+    try:
+        settings = _WithFile(**{key: value for key, value in overrides.items() if value is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+        raise InvalidArgumentError(f"invalid gateway settings: {problems}") from None
+    return GatewaySettings.model_construct(**settings.model_dump())
