@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CORE_STAMP := $(VENV)/.installed-core
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: serve test models bench-pipeline bench-kernels bundled clean
+.PHONY: serve test demo models protos bench-pipeline bench-kernels bench-encrypted bench-gateway bundled clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,16 +21,25 @@ $(DEV_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[train,dev]'
 	touch $@ $(CORE_STAMP)
 
+# The gateway on the bundled models: 127.0.0.1:8001 (gRPC), metrics on 8002; Ctrl-C stops it.
 serve: $(CORE_STAMP)
-	$(BIN)/hegate models
+	$(BIN)/hegate serve
 
 test: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
+# Starts a gateway, sends one encrypted and one plaintext MNIST request, stops it.
+demo: $(CORE_STAMP)
+	$(BIN)/python -m gateway.demo
+
 models: $(CORE_STAMP)
 	$(BIN)/hegate models
+
+# Regenerates gateway/api from protos/*.proto (a test fails when they are stale).
+protos: $(DEV_STAMP)
+	$(BIN)/python protos/generate.py
 
 bench-pipeline: $(DEV_STAMP)
 	$(BIN)/python -m bench.pipeline
@@ -38,12 +47,18 @@ bench-pipeline: $(DEV_STAMP)
 bench-kernels: $(DEV_STAMP)
 	$(BIN)/python -m bench.kernels
 
+bench-encrypted: $(DEV_STAMP)
+	$(BIN)/python -m bench.encrypted --images 10000
+
+bench-gateway: $(DEV_STAMP)
+	$(BIN)/python -m bench.gateway
+
 # Retrain every bundled model (about 10 minutes); these are the commands their manifests record.
 # The non-private baselines clip looser (with no noise, the DP recipes' tight clip only slows them).
 TRAIN_BUNDLED := $(BIN)/hegate train --out models/bundled --quiet --delta 1e-5 --dataset mnist
 bundled: $(DEV_STAMP)
 	for eps in 1 3 8; do $(TRAIN_BUNDLED) --arch cnn --epsilon $$eps || exit 1; done
-	$(TRAIN_BUNDLED) --arch cnn --epsilon inf --max-grad-norm 1 --lr 0.5
+	$(TRAIN_BUNDLED) --arch cnn --epsilon inf --max-grad-norm 1 --lr 2
 	for eps in 1 3 8; do $(TRAIN_BUNDLED) --arch mlp --epsilon $$eps || exit 1; done
 	$(TRAIN_BUNDLED) --arch mlp --epsilon inf --max-grad-norm 10 --lr 0.2 --epochs 40
 	$(BIN)/hegate train --out models/bundled --quiet --dataset breast_cancer --arch linear --epsilon 3

@@ -104,4 +104,4 @@ def load_settings(*, config_file: Path | None = None, **overrides: Any) -> Gatew
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
         raise InvalidArgumentError(f"invalid gateway settings: {problems}") from None
-    return GatewaySettings.model_construct(**settings.model_dump())
+    return GatewaySettings.model_validate(settings.model_dump())

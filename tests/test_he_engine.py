@@ -137,6 +137,14 @@ def test_ciphertext_and_keys_under_other_parameters_are_refused(breast_cancer):
         model.load_keys(*mnist.evaluation_keys())
 
 
+def test_swapped_keys_are_refused_before_they_can_crash_the_evaluator():
+    """Both keys parse as either type; relinearizing with Galois keys would crash SEAL natively."""
+    model = EncryptedModel(REPOSITORY.get("mnist-mlp-eps3").onnx_path)  # squares: relinearizes
+    relin, galois = ClientKeys(model.spec).evaluation_keys()
+    with pytest.raises(InvalidArgumentError, match="no key for s\\^2"):
+        model.load_keys(galois, relin)
+
+
 def test_galois_keys_without_the_plans_steps_are_refused(breast_cancer):
     model, client, _ = breast_cancer
     relin, _ = client.evaluation_keys()

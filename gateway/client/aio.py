@@ -18,6 +18,7 @@ from gateway.api import hegate_v1_pb2 as hv1
 from gateway.api import hegate_v1_pb2_grpc as hv1_grpc
 from gateway.client.protocol import (
     ClientOptions,
+    ModelIndex,
     ModelInfo,
     Prediction,
     Progress,
@@ -33,7 +34,6 @@ from gateway.client.protocol import (
 )
 from gateway.he.client import ClientKeys
 from gateway.he.plan import EncryptionSpec
-from models.errors import NotFoundError
 
 
 class AsyncHegateClient:
@@ -48,7 +48,7 @@ class AsyncHegateClient:
             self.channel = grpc.aio.secure_channel(target, credentials, options=self.options.channel_options)
         self._oip = oip_grpc.GRPCInferenceServiceStub(self.channel)
         self._hegate = hv1_grpc.EncryptedInferenceStub(self.channel)
-        self._models: dict[str, ModelInfo] | None = None
+        self._index: ModelIndex | None = None
 
     async def _call(self, method, request):
         with translated_errors():
@@ -56,16 +56,13 @@ class AsyncHegateClient:
 
     async def list_models(self) -> list[ModelInfo]:
         infos = model_infos(await self._call(self._hegate.ListModels, hv1.ListModelsRequest()))
-        self._models = {f"{m.name}/{m.version}": m for m in infos} | {m.name: m for m in infos}
+        self._index = ModelIndex(infos)
         return infos
 
     async def model(self, name: str, version: str = "") -> ModelInfo:
-        if self._models is None:
+        if self._index is None:
             await self.list_models()
-        info = self._models.get(f"{name}/{version}" if version else name)
-        if info is None:
-            raise NotFoundError(f"the gateway serves no model {name!r}" + (f" version {version}" if version else ""))
-        return info
+        return self._index.find(name, version)
 
     async def live(self) -> bool:
         return (await self._call(self._oip.ServerLive, oip.ServerLiveRequest())).live

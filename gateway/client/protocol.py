@@ -19,7 +19,7 @@ from gateway.api import hegate_v1_pb2 as hv1
 from gateway.he.plan import EncryptionSpec
 from gateway.server.auth import API_KEY_HEADER
 from gateway.status import error_for
-from models.errors import InvalidArgumentError
+from models.errors import InvalidArgumentError, NotFoundError
 from models.manifest import Manifest
 
 CHUNK_BYTES = 1 << 20  # key upload chunks: well under any server's message limit
@@ -115,6 +115,19 @@ def model_infos(response: hv1.ListModelsResponse) -> list[ModelInfo]:
         )
         for m in response.models
     ]
+
+
+class ModelIndex:
+    """The models of a gateway by ``name`` (latest version) and by ``name/version``."""
+
+    def __init__(self, infos: list[ModelInfo]) -> None:
+        self._by_key = {m.name: m for m in infos} | {f"{m.name}/{m.version}": m for m in infos}
+
+    def find(self, name: str, version: str = "") -> ModelInfo:
+        info = self._by_key.get(f"{name}/{version}" if version else name)
+        if info is None:
+            raise NotFoundError(f"the gateway serves no model {name!r}" + (f" version {version}" if version else ""))
+        return info
 
 
 def infer_request(model: ModelInfo, x: np.ndarray) -> oip.ModelInferRequest:

@@ -13,6 +13,7 @@ from gateway.api import hegate_v1_pb2 as hv1
 from gateway.api import hegate_v1_pb2_grpc as hv1_grpc
 from gateway.client.protocol import (
     ClientOptions,
+    ModelIndex,
     ModelInfo,
     Prediction,
     Progress,
@@ -28,7 +29,6 @@ from gateway.client.protocol import (
 )
 from gateway.he.client import ClientKeys
 from gateway.he.plan import EncryptionSpec
-from models.errors import NotFoundError
 
 
 class HegateClient:
@@ -43,7 +43,7 @@ class HegateClient:
             self.channel = grpc.secure_channel(target, credentials, options=self.options.channel_options)
         self._oip = oip_grpc.GRPCInferenceServiceStub(self.channel)
         self._hegate = hv1_grpc.EncryptedInferenceStub(self.channel)
-        self._models: dict[str, ModelInfo] | None = None
+        self._index: ModelIndex | None = None
 
     def _call(self, method, request):
         with translated_errors():
@@ -52,16 +52,13 @@ class HegateClient:
     def list_models(self) -> list[ModelInfo]:
         """Every served model with its manifest (DP record, accuracy) and whether it serves encrypted."""
         infos = model_infos(self._call(self._hegate.ListModels, hv1.ListModelsRequest()))
-        self._models = {f"{m.name}/{m.version}": m for m in infos} | {m.name: m for m in infos}
+        self._index = ModelIndex(infos)
         return infos
 
     def model(self, name: str, version: str = "") -> ModelInfo:
-        if self._models is None:
+        if self._index is None:
             self.list_models()
-        info = self._models.get(f"{name}/{version}" if version else name)
-        if info is None:
-            raise NotFoundError(f"the gateway serves no model {name!r}" + (f" version {version}" if version else ""))
-        return info
+        return self._index.find(name, version)
 
     def live(self) -> bool:
         return self._call(self._oip.ServerLive, oip.ServerLiveRequest()).live

@@ -273,6 +273,10 @@ class EncryptedModel:
     def _checked(
         self, relin_keys: seal.RelinKeys, galois_keys: seal.GaloisKeys
     ) -> tuple[seal.RelinKeys, seal.GaloisKeys]:
+        """SEAL's load checks structure, not purpose: Galois keys load as relinearization keys too
+        (the same format), and relinearizing with them crashes SEAL. So check what each key is for."""
+        if not relin_keys.has_key(2):
+            raise InvalidArgumentError("the relinearization key holds no key for s^2: are the keys swapped?")
         elements = self.spec.parameters.galois_elements(self.spec.rotation_steps)
         missing = [s for s, e in zip(self.spec.rotation_steps, elements, strict=True) if not galois_keys.has_key(e)]
         if missing:

@@ -177,6 +177,7 @@ class EncryptedServicer(pb_grpc.EncryptedInferenceServicer):
                     f"{model.name} already has {self.queue_limit} encrypted requests queued or running; retry later"
                 )
             remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
             model.encrypted_inflight += 1
             try:
                 result = await self.pool.evaluate(
@@ -184,7 +185,7 @@ class EncryptedServicer(pb_grpc.EncryptedInferenceServicer):
                     version=model.version,
                     key_id=record.key_id,
                     ciphertext=request.ciphertext,
-                    deadline=None if remaining is None else started + remaining,
+                    deadline=deadline,
                 )
             finally:
                 model.encrypted_inflight -= 1

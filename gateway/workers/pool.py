@@ -148,6 +148,14 @@ class WorkerPool:
         first, *others = self._accepting()
         await self._give_keys(first, keys)
         await asyncio.gather(*(self._give_keys(worker, keys) for worker in others))
+        # A replacement that started meanwhile may have listed the registry before these keys: give
+        # them to every started worker not given them yet, until none is left (the caller stores them next).
+        given = [first, *others]
+        while missing := [w for w in self._started() if not any(w is g for g in given)]:
+            given += missing
+            for worker in missing:
+                with contextlib.suppress(HegateError):  # if it dies, its own replacement replays the registry
+                    await self._give_keys(worker, keys)
 
     async def read_context(self, *, model: str, version: str, context: bytes) -> tuple[bytes, bytes]:
         """The relinearization and Galois keys of a public TenSEAL context, as SEAL bytes.
@@ -209,6 +217,14 @@ class WorkerPool:
         assert isinstance(result, Evaluated)
         return result
 
+    def _started(self) -> list[_Worker]:
+        """Workers that have loaded the models and are alive: accepting, or being given the registry's keys."""
+        return [
+            w
+            for w in self._workers
+            if w is not None and not w.connection.closed and w.ready.done() and w.ready.exception() is None
+        ]
+
     def _accepting(self, required: bool = True) -> list[_Worker]:
         workers = [w for w in self._workers if w is not None and w.accepting]
         if required and not workers:
@@ -256,6 +272,7 @@ class WorkerPool:
             asyncio.get_running_loop().remove_reader(worker.connection.fileno())
 
     def _on_exit(self, worker: _Worker) -> None:
+        worker.process.join(0)  # reap it: the sentinel fired, so it has exited and exitcode becomes known
         code = worker.process.exitcode
         self._detach(worker)
         crashed = WorkerCrashedError(

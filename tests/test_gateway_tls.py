@@ -1,0 +1,110 @@
+"""TLS and mutual TLS from configuration, end to end: a throwaway CA, a server and a client cert."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from gateway_harness import GatewayProcess, small_repository
+
+from gateway.client import HegateClient
+from models.errors import HegateError, UnauthenticatedError, UnavailableError
+
+MODEL = "breast-cancer-linear-eps3"
+
+
+def _certificate(subject: str, key, issuer=None, issuer_key=None, *, ca: bool = False) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer.subject if issuer else name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+    return builder.sign(issuer_key or key, hashes.SHA256())
+
+
+def _write(path: Path, cert: x509.Certificate, key) -> None:
+    path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    path.with_suffix(".key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pki")
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _certificate("hegate test CA", ca_key, ca=True)
+    _write(root / "ca", ca, ca_key)
+    for name in ("server", "client"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        _write(root / name, _certificate(name, key, ca, ca_key), key)
+    stranger_key = ec.generate_private_key(ec.SECP256R1())
+    _write(root / "stranger", _certificate("stranger", stranger_key), stranger_key)  # self-signed
+    return root
+
+
+@pytest.fixture(scope="module")
+def mtls_gateway(pki, tmp_path_factory):
+    """A gateway that demands client certificates signed by the CA, and an API key."""
+    root = tmp_path_factory.mktemp("mtls")
+    gateway = GatewayProcess(
+        small_repository(root / "repository"),
+        root / "logs",
+        "--api-key", "k1=alice",
+        "--tls-cert", str(pki / "server.crt"),
+        "--tls-key", str(pki / "server.key"),
+        "--tls-client-ca", str(pki / "ca.crt"),
+    ).wait_ready()  # fmt: skip
+    yield gateway.target
+    assert gateway.stop() == 0
+
+
+def _client(address: str, pki: Path, cert: str | None = "client", api_key: str | None = "k1") -> HegateClient:
+    certs = {"tls_cert_file": pki / f"{cert}.crt", "tls_key_file": pki / f"{cert}.key"} if cert else {}
+    return HegateClient(address, tls_ca_file=pki / "ca.crt", api_key=api_key, timeout_seconds=20, **certs)
+
+
+def test_mutual_tls_client_gets_plaintext_and_encrypted_answers(mtls_gateway, pki):
+    with _client(mtls_gateway, pki) as client:
+        x = np.zeros((1, 30), np.float32)
+        plain = client.predict(MODEL, x)
+        with client.encrypted_session(MODEL) as session:
+            encrypted = session.predict(x)
+    np.testing.assert_allclose(encrypted.logits, plain, atol=session.spec.logit_error_bound)
+
+
+@pytest.mark.parametrize("cert", [None, "stranger"])
+def test_a_client_without_a_certificate_from_the_ca_cannot_connect(mtls_gateway, pki, cert):
+    with _client(mtls_gateway, pki, cert=cert) as client, pytest.raises(UnavailableError):
+        client.list_models()
+
+
+def test_a_plaintext_channel_cannot_talk_to_a_tls_gateway(mtls_gateway):
+    with HegateClient(mtls_gateway, api_key="k1", timeout_seconds=5) as client, pytest.raises(HegateError) as error:
+        client.list_models()
+    assert error.value.status in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def test_tls_does_not_replace_the_api_key(mtls_gateway, pki):
+    with _client(mtls_gateway, pki, api_key=None) as client, pytest.raises(UnauthenticatedError):
+        client.list_models()

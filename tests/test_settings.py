@@ -1,0 +1,61 @@
+"""Gateway settings: defaults < config file < HEGATE_* environment < flags, and clear refusals."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.settings import BUNDLED_REPOSITORY, load_settings
+from models.errors import InvalidArgumentError
+
+
+def test_defaults_serve_the_bundled_models_on_loopback_without_auth(monkeypatch):
+    for name in list(__import__("os").environ):
+        if name.startswith("HEGATE_"):
+            monkeypatch.delenv(name)
+    settings = load_settings()
+    assert settings.repository == BUNDLED_REPOSITORY and settings.address == "127.0.0.1:8001"
+    assert not settings.authenticated and settings.tls is None and settings.workers >= 1
+
+
+def test_file_then_environment_then_flags(tmp_path, monkeypatch):
+    config = tmp_path / "hegate.toml"
+    config.write_text('workers = 3\nqueue_limit = 5\n[api_keys]\nsecret = "alice"\n')
+    assert load_settings(config_file=config).workers == 3
+    monkeypatch.setenv("HEGATE_WORKERS", "4")
+    settings = load_settings(config_file=config)
+    assert (settings.workers, settings.queue_limit, settings.api_keys) == (4, 5, {"secret": "alice"})
+    assert load_settings(config_file=config, workers=7, queue_limit=None).workers == 7  # None: flag not given
+
+
+def test_nested_tls_settings_come_from_the_environment(tmp_path, monkeypatch):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("x")
+    key.write_text("x")
+    monkeypatch.setenv("HEGATE_TLS__CERT_FILE", str(cert))
+    monkeypatch.setenv("HEGATE_TLS__KEY_FILE", str(key))
+    assert load_settings().tls.cert_file == cert
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"workers": 0}, "workers: Input should be greater than or equal to 1"),
+        ({"address": "8001"}, "address must be host:port"),
+        ({"repository": "/nonexistent"}, "is not a directory"),
+        ({"api_keys": {"": "alice"}}, "non-empty keys"),
+        ({"tls": {"cert_file": "/nope.pem", "key_file": "/nope.pem"}}, "does not exist"),
+        ({"colour": "blue"}, "colour: Extra inputs are not permitted"),
+    ],
+)
+def test_invalid_settings_are_refused_naming_the_field(overrides, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        load_settings(**overrides)
+
+
+def test_a_broken_config_file_is_refused(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="does not exist"):
+        load_settings(config_file=tmp_path / "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("workers = = 3")
+    with pytest.raises(InvalidArgumentError, match=r"broken\.toml"):
+        load_settings(config_file=broken)
