@@ -53,6 +53,9 @@ from gateway.api import hegate_v1_pb2 as hv1
 from gateway.api import hegate_v1_pb2_grpc as hv1_grpc
 from gateway.settings import BUNDLED_REPOSITORY
 
+# TenSEAL, numba and the datasets are imported inside the parts that use them: the generator
+# processes import this module too (``spawn``), and they should start light.
+
 MODEL = "mnist-cnn-eps3"
 PLAINTEXT_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 ENCRYPTED_METHOD = "/hegate.v1.EncryptedInference/Infer"
@@ -114,6 +117,7 @@ QUICK = Durations(
 
 
 def _ms(seconds: np.ndarray | list[float], q: float, digits: int = 3) -> float:
+    """Percentile ``q`` of durations in seconds, in milliseconds: plaintext figures need 3 decimals."""
     return round(1000 * float(np.percentile(seconds, q)), digits)
 
 
@@ -551,6 +555,9 @@ def encrypted_throughput(server: Server, model: str, x: np.ndarray, durations: D
 
 
 def check_targets(result: dict) -> list[dict]:
+    """Each target of the gateway issue with its measured value, and the condition it was measured
+    under (the throughput target takes the better of the two generator layouts: the load generator
+    is not the gateway)."""
     levels = result["plaintext"]["levels"]
     single = next(level for level in levels if level["in_flight"] == 1)
     busiest = max((level for level in levels if level["in_flight"] == 32), key=lambda r: r["requests_per_second"])
@@ -578,6 +585,8 @@ def check_targets(result: dict) -> list[dict]:
 
 
 def markdown(result: dict) -> str:
+    """The tables, and the sentences that say where the time and the cores go: the figures alone
+    do not tell a reader whether the gateway or the load generator ran out of CPU."""
     p = result["plaintext"]
     e = result["encrypted_latency"]
     windows = [*p["levels"], *result["encrypted_throughput"]]
@@ -685,6 +694,8 @@ def markdown(result: dict) -> str:
 
 
 def main() -> int:
+    """Both gateway starts in a row, on the same inputs; the default worker count (one per core)
+    first, where the plaintext path, encrypted latency and registration are measured."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=MODEL, help="a model that the engine serves encrypted")
     parser.add_argument("--quick", action="store_true", help="short durations, for a smoke run")

@@ -1,0 +1,96 @@
+"""Every client of a real gateway: the asyncio SDK (same answers as the blocking one), gRPC
+reflection, and the command line (``hegate models --target``, ``hegate infer``)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from importlib import resources
+
+import numpy as np
+import pytest
+from gateway_harness import HEGATE, GatewayProcess, small_repository
+
+from gateway.client import AsyncHegateClient, HegateClient
+from models.errors import InvalidArgumentError, NotFoundError
+
+MODEL = "breast-cancer-linear-eps3"
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    root = tmp_path_factory.mktemp("async")
+    process = GatewayProcess(small_repository(root / "repository"), root / "logs", workers=2).wait_ready()
+    yield process
+    assert process.stop() == 0
+
+
+def test_async_client_answers_like_the_blocking_one(gateway):
+    x = np.random.default_rng(0).normal(size=(100, 30)).astype(np.float32)
+    with HegateClient(gateway.target) as client:
+        plain = client.predict(MODEL, x)
+
+    async def run():
+        async with AsyncHegateClient(gateway.target) as client:
+            names = [m.name for m in await client.list_models()]
+            logits = await client.predict(MODEL, x)
+            chunks = []
+            session = await client.encrypted_session(MODEL, progress=lambda sent, total: chunks.append(sent))
+            async with session:
+                result = await session.predict(x)  # 100 inputs, 64 per ciphertext: two calls in flight
+            with pytest.raises(NotFoundError, match="register the keys again"):
+                await session.predict(x[:1])
+            with pytest.raises(InvalidArgumentError, match="float32"):
+                await client.predict(MODEL, x.astype(np.float64))
+            return names, logits, result, session, chunks
+
+    names, logits, result, session, chunks = asyncio.run(run())
+    assert names == sorted(names) and MODEL in names
+    np.testing.assert_array_equal(logits, plain)
+    assert result.logits.shape == (100, 2) and session.lanes == 64 and chunks[-1] == session.key_bytes
+    np.testing.assert_allclose(result.logits, plain, atol=session.spec.logit_error_bound)
+    assert result.predicted == [result.labels[i] for i in plain.argmax(1)]
+
+
+def test_reflection_lists_every_service(gateway):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    services = set(ProtoReflectionDescriptorDatabase(gateway.channel()).get_services())
+    expected = {"inference.GRPCInferenceService", "hegate.v1.EncryptedInference", "grpc.health.v1.Health"}
+    assert expected <= services
+
+
+def _hegate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(HEGATE), *args], capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_cli_lists_a_running_gateways_models(gateway):
+    result = _hegate("models", "--target", gateway.target)
+    assert result.returncode == 0, result.stderr
+    assert (
+        "mnist-cnn-eps3" in result.stdout
+        and "encrypted: breast-cancer-linear-eps3 (64 per ciphertext)" in result.stdout
+    )
+
+
+@pytest.mark.parametrize(
+    ("sample", "label", "flags"),
+    [("mnist-test-0.npy", "7", ()), ("mnist-test-1.png", "2", ()), ("mnist-test-0.npy", "7", ("--plaintext",))],
+)
+def test_cli_infer_classifies_sample_files(gateway, sample, label, flags):
+    path = resources.files("gateway") / "samples" / sample
+    result = _hegate("infer", str(path), "--target", gateway.target, *flags)
+    assert result.returncode == 0, result.stderr
+    assert f"[0] label {label}" in result.stdout
+    assert ("plaintext path" in result.stdout) == bool(flags)
+    assert ("timings: encrypt" in result.stdout) != bool(flags)
+
+
+def test_cli_infer_reports_errors_in_one_line(gateway, tmp_path):
+    np.save(tmp_path / "wrong.npy", np.zeros((3, 3)))
+    result = _hegate("infer", str(tmp_path / "wrong.npy"), "--target", gateway.target)
+    assert (
+        result.returncode == 2 and result.stderr.startswith("hegate infer: error:") and "shape [3, 3]" in result.stderr
+    )
+    result = _hegate("infer", str(tmp_path / "wrong.npy"), "--target", gateway.target, "--model", "nope")
+    assert result.returncode == 2 and "no model 'nope'" in result.stderr
