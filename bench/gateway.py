@@ -28,9 +28,7 @@ Results go to ``bench/results/gateway.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import multiprocessing
 import os
 import re
 import select
@@ -42,12 +40,11 @@ import tempfile
 import time
 import urllib.request
 from dataclasses import asdict, dataclass
-from multiprocessing.connection import Connection
 from pathlib import Path
 
-import grpc
 import numpy as np
 
+from bench.loadgen import LoadGenerators, LoadSpec
 from bench.report import provenance, write
 from gateway.api import hegate_v1_pb2 as hv1
 from gateway.api import hegate_v1_pb2_grpc as hv1_grpc
@@ -59,7 +56,6 @@ from gateway.settings import BUNDLED_REPOSITORY
 MODEL = "mnist-cnn-eps3"
 PLAINTEXT_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 ENCRYPTED_METHOD = "/hegate.v1.EncryptedInference/Infer"
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 PLAINTEXT_LEVELS = [(1, 1), (8, 1), (32, 1), (32, 2)]  # (calls in flight, generator processes)
 ENCRYPTED_IN_FLIGHT = 4
 WORKER_COUNTS = (2, 1)  # 2 = the default (one per core) first; the ratio is 2 over 1
@@ -230,58 +226,7 @@ class Server:
         return totals["sum"], int(totals["count"])
 
 
-# -- the load generator (its own processes) -------------------------------------------------------
-
-
-def _generator(
-    connection: Connection, target: str, method: str, requests: list[bytes], in_flight: int, timings: bool
-) -> None:
-    """Entry point of one generator process: report readiness, take the window, load, report."""
-    try:
-        connection.send(asyncio.run(_generate(connection, target, method, requests, in_flight, timings)))
-    except Exception as exc:  # the parent raises it: a failed call must not pass as a slow one
-        connection.send({"error": f"{type(exc).__name__}: {exc}"})
-
-
-async def _generate(
-    connection: Connection, target: str, method: str, requests: list[bytes], in_flight: int, timings: bool
-) -> dict:
-    """Keep ``in_flight`` calls going from the window's announcement to its end.
-
-    The method is called without serializers (bytes in, bytes out), so the only Python work per
-    call is the await itself. Calls that complete inside ``[start, stop)`` count, and their
-    latency is recorded; the ones before ``start`` are the warm-up. ``time.monotonic`` is the same
-    clock in every process on Linux, so the parent's window means the same instants here.
-    """
-    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
-        call = channel.unary_unary(method)
-        await channel.channel_ready()
-        await call(requests[0])
-        connection.send("ready")
-        start, stop = connection.recv()
-        latencies: list[float] = []
-        server_ms: list[tuple[float, float]] = []
-        cpu: list[float] = []
-
-        async def clock() -> None:
-            await asyncio.sleep(max(0.0, start - time.monotonic()))
-            cpu.append(time.process_time())
-            await asyncio.sleep(max(0.0, stop - time.monotonic()))
-            cpu.append(time.process_time())
-
-        async def caller(index: int) -> None:
-            while (sent := time.monotonic()) < stop:
-                response = await call(requests[index % len(requests)])
-                done = time.monotonic()
-                if start <= done < stop:
-                    latencies.append(done - sent)
-                    if timings:
-                        server = hv1.InferResponse.FromString(response).timings
-                        server_ms.append((server.queue_ms, server.compute_ms))
-                index += in_flight
-
-        await asyncio.gather(clock(), *(caller(i) for i in range(in_flight)))
-    return {"latencies": latencies, "server_ms": server_ms, "cpu_seconds": cpu[1] - cpu[0]}
+# -- the load, from bench.loadgen's processes ----------------------------------------------------
 
 
 def load(
@@ -296,54 +241,36 @@ def load(
     server_timings: bool = False,
 ) -> dict:
     """Throughput, latency percentiles and CPU use of ``in_flight`` calls spread over
-    ``generators`` processes, over ``seconds`` after ``warmup`` seconds of the same load.
+    ``generators`` processes (:mod:`bench.loadgen`), over ``seconds`` after ``warmup`` seconds of
+    the same load; the gateway's CPU counters are read at the window's start and end.
+    ``server_timings``: read each response as a ``hegate.v1.InferResponse`` for the queue and
+    compute times the server reports.
 
-    The generators start, connect and make one call each before the window is announced, so
-    neither process start nor connection set-up lands in it. ``server_timings``: parse each
-    response as a ``hegate.v1.InferResponse`` for the queue and compute times the server reports.
+    Raises:
+        RuntimeError: any call failed (a failed call must not pass as a fast one).
     """
-    context = multiprocessing.get_context("spawn")
-    pipes, processes = [], []
-    for g in range(generators):
-        share = in_flight // generators + (g < in_flight % generators)
-        ours, theirs = context.Pipe()
-        process = context.Process(
-            target=_generator,
-            args=(theirs, server.target, method, requests[g::generators], share, server_timings),
-            daemon=True,
+    spec = LoadSpec(
+        target=server.target,
+        method=method,
+        requests=requests,
+        in_flight=in_flight,
+        generators=generators,
+        keep_responses=server_timings,
+    )
+    readings: list[tuple[tuple[float, float, float], float]] = []
+    with LoadGenerators(spec) as load_generators:
+        result = load_generators.run(
+            warmup=warmup,
+            seconds=seconds,
+            during=lambda: readings.append((server.cpu_seconds(), _machine_busy_seconds())),
         )
-        process.start()
-        theirs.close()
-        pipes.append(ours)
-        processes.append(process)
-    try:
-        for pipe in pipes:
-            if not pipe.poll(START_TIMEOUT_SECONDS):
-                raise RuntimeError("a load generator did not connect")
-            message = pipe.recv()
-            if message != "ready":
-                raise RuntimeError(f"load generator failed: {message['error']}")
-        start = time.monotonic() + warmup
-        stop = start + seconds
-        for pipe in pipes:
-            pipe.send((start, stop))
-        time.sleep(max(0.0, start - time.monotonic()))
-        before, machine_before = server.cpu_seconds(), _machine_busy_seconds()
-        time.sleep(max(0.0, stop - time.monotonic()))
-        after, machine_after = server.cpu_seconds(), _machine_busy_seconds()
-        results = [pipe.recv() for pipe in pipes]
-    finally:
-        for process in processes:
-            process.join(30)
-            if process.is_alive():
-                process.terminate()
-    failed = [r["error"] for r in results if "error" in r]
-    if failed:
-        raise RuntimeError(f"load generator failed: {failed[0]}")
-    latencies = np.concatenate([r["latencies"] for r in results])
+    if result.errors:
+        raise RuntimeError(f"calls failed during the load: {result.errors}")
+    (before, machine_before), (after, machine_after) = readings
+    latencies = result.latencies
     count = len(latencies)
     loop_cores, server_cores, worker_cores = ((a - b) / seconds for a, b in zip(after, before, strict=True))
-    generator_cores = sum(r["cpu_seconds"] for r in results) / seconds
+    generator_cores = result.generator_cpu_seconds / seconds
     other_cores = (machine_after - machine_before) / seconds - server_cores - worker_cores - generator_cores
     row = {
         "in_flight": in_flight,
@@ -361,10 +288,12 @@ def load(
         "other_cpu_cores": round(max(0.0, other_cores), 2),
         "gateway_cpu_ms_per_request": round(1000 * server_cores * seconds / max(count, 1), 3),
     }
-    server_ms = np.array([t for r in results for t in r["server_ms"]])
-    if len(server_ms):
-        row["server_queue_ms_p50"] = round(float(np.median(server_ms[:, 0])), 1)
-        row["server_compute_ms_p50"] = round(float(np.median(server_ms[:, 1])), 1)
+    if server_timings:
+        timings = np.array(
+            [(t.queue_ms, t.compute_ms) for t in (hv1.InferResponse.FromString(r).timings for r in result.responses)]
+        )
+        row["server_queue_ms_p50"] = round(float(np.median(timings[:, 0])), 1)
+        row["server_compute_ms_p50"] = round(float(np.median(timings[:, 1])), 1)
     return row
 
 

@@ -215,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--target", help="host:port of the gateway (default 127.0.0.1:8001)")
     _client_flags(infer)
     infer.set_defaults(handler=_infer)
+
+    from bench import load as bench_load
+
+    bench = commands.add_parser("bench", help="measure what privacy costs (load, ...)")
+    bench_load.add_parser(bench.add_subparsers(dest="bench_command", required=True))
     return parser
 
 
