@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import time
 from importlib import resources
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from gateway_harness import HEGATE, GatewayProcess, small_repository
 
 from gateway.client import AsyncHegateClient, HegateClient
+from gateway.client.protocol import encrypted_request
 from models.errors import InvalidArgumentError, NotFoundError
 
 MODEL = "breast-cancer-linear-eps3"
@@ -94,3 +96,18 @@ def test_cli_infer_reports_errors_in_one_line(gateway, tmp_path):
     )
     result = _hegate("infer", str(tmp_path / "wrong.npy"), "--target", gateway.target, "--model", "nope")
     assert result.returncode == 2 and "no model 'nope'" in result.stderr
+
+
+def test_a_cancelled_call_is_counted_as_cancelled(gateway):
+    with HegateClient(gateway.target) as client, client.encrypted_session("mnist-cnn-eps3") as session:
+        info = client.model("mnist-cnn-eps3")
+        ciphertext = session.keys.encrypt(np.zeros((1, 1, 28, 28), np.float32))
+        _, stub, _ = gateway.stubs()
+        call = stub.Infer.future(encrypted_request(info, session.key_id, ciphertext, 1))
+        time.sleep(0.02)  # the evaluation takes about 60 ms: cancel while the gateway waits for it
+        assert call.cancel()
+        line = 'hegate_requests_total{model="mnist-cnn-eps3",path="encrypted",status="CANCELLED"} 1.0'
+        deadline = time.monotonic() + 10
+        while line not in gateway.metrics() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert line in gateway.metrics()

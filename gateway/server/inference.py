@@ -6,6 +6,7 @@ It converts protobuf to arrays and back (:mod:`gateway.server.tensors`) and dele
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -36,6 +37,9 @@ def observed(metrics: GatewayMetrics, model: str, path: str):
         yield
     except HegateError as exc:
         status = status_for(exc)
+        raise
+    except asyncio.CancelledError:  # the caller went away (or its deadline passed) mid-call
+        status = grpc.StatusCode.CANCELLED
         raise
     except Exception:
         status = grpc.StatusCode.INTERNAL
