@@ -17,6 +17,10 @@ ONNX file's dequantized weights and runs in float32 (its logits differ by the qu
 
 Compile times are measured in fresh processes with an empty numba cache (cold: compiles and
 writes the cache) and then with that cache (warm). Results go to ``bench/results/kernels.{json,md,png}``.
+
+The kernels run the code path :mod:`kernels.isa` picks for this CPU (VNNI ``vpdpbusd`` tiles where
+it has AVX512-VNNI, else AVX2); ``HEGATE_KERNELS_ISA=avx2`` forces the AVX2 path, for comparing.
+The path that ran is recorded in the results.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import numpy as np
 from bench.report import RESULTS, provenance, write
 from gateway.cli import BUNDLED_REPOSITORY
 from kernels import NumbaModel
+from kernels import isa as kernel_isa
 from kernels.plan import AvgPool, Conv, Elementwise, Gemm, Plan, Relu, Square
 from models import onnx_runtime
 from models.repository import load_artifact
@@ -195,6 +200,7 @@ def bench_model(
     result: dict = {"model": name, "path": str(artifact.onnx_path)}
     check = NumbaModel.load(artifact.onnx_path, threads=1)
     result["plan"] = check.describe()
+    result["isa"] = check.isa
     result["macs_per_sample"] = check.program.macs_per_sample
     reference = onnx_runtime.predict_logits(onnx_runtime.create_session(artifact.onnx_path), x_all)
     result["bit_identical_to_onnxruntime"] = bool(np.array_equal(check.predict_logits(x_all), reference))
@@ -256,6 +262,10 @@ def _markdown(result: dict) -> str:
             else "(other processes were competing for this machine's two cores), "
         )
         + f"{result['load_average']['end']} after it (this benchmark's own load).",
+        "",
+        f"numba kernels' code path: {', '.join(result['isa']['ran'])} "
+        f"(this CPU runs {', '.join(result['isa']['available'])}; vnni = AVX512-VNNI `vpdpbusd` tiles, "
+        "avx2 = `vpmaddubsw` tiles; `HEGATE_KERNELS_ISA=avx2` forces the latter).",
         "",
         "Samples per second (median of interleaved rounds); batch 1 is per-call latency in microseconds on one thread.",
     ]
@@ -359,6 +369,7 @@ def main() -> int:
         return 2
     result = {
         **provenance("bench.kernels"),
+        "isa": {"ran": sorted({m["isa"] for m in models}), "available": list(kernel_isa.available())},
         "images": len(images),
         "load_average": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)},
         "models": models,

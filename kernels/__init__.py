@@ -2,10 +2,11 @@
 
 ``compiler`` turns an int8 QDQ ONNX graph into a :class:`~kernels.plan.Plan`, ``program``
 packs it into flat arrays, ``executor`` runs it through the kernels of ``ops`` (whose integer
-products are the register tiles of ``simd``), and ``loader`` picks these kernels or falls back
-to onnxruntime. ``arithmetic`` documents onnxruntime's rounding; ``reference`` runs a plan in
-numpy, as the independent check of the kernels; ``testing`` builds small QDQ graphs;
-``jitcache`` keys numba's disk cache on the whole package.
+products are the register tiles of ``simd``, AVX2 or AVX512-VNNI as ``isa`` picks for the CPU),
+and ``loader`` picks these kernels or falls back to onnxruntime. ``arithmetic`` documents
+onnxruntime's rounding; ``reference`` runs a plan in numpy, as the independent check of the
+kernels; ``testing`` builds small QDQ graphs; ``jitcache`` keys numba's disk cache on the whole
+package.
 
 >>> backend = load_backend(artifact.onnx_path, threads=1)  # doctest: +SKIP
 >>> backend.predict_logits(x)  # float32 [batch, *input_shape] -> float32 [batch, classes]  # doctest: +SKIP

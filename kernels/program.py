@@ -22,7 +22,9 @@ folds into the bias: ``sum((x - zx) * w) = sum(x * w) - zx * sum(w)``.
 
 Tensors live in a per-chunk uint8 workspace, each sample's values contiguous with a row
 stride rounded up to four bytes. Lowering also checks the precondition of the exact
-``vpmaddubsw`` arithmetic: adjacent packed weights satisfy ``|w0| + |w1| <= 128``.
+``vpmaddubsw`` arithmetic: adjacent packed weights satisfy ``|w0| + |w1| <= 128``. The VNNI
+tiles (``vpdpbusd``, no int16 step) would be exact without it, but keep it: whether a model
+runs on the kernels must not depend on the CPU, and it is what makes both paths equal.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import numpy as np
 from kernels.arithmetic import global_pool_scale, requant_multiplier, square_ratio
 from kernels.errors import UnsupportedModelError
 from kernels.plan import INPUT, Activation, AvgPool, Conv, Dequantize, Elementwise, Gemm, Plan, Quantize, Relu, Square
-from kernels.simd import COLUMN_ALIGN, K_GROUP, TILE_COLS
+from kernels.simd import COLUMN_ALIGN, K_GROUP, TILE_COLS, TILE_ROWS, VNNI_ROWS
 
 # opcodes
 OP_QUANTIZE, OP_GEMM, OP_CONV, OP_POOL, OP_ELEMENTWISE, OP_DEQUANTIZE = range(6)
@@ -48,6 +50,7 @@ F_CODE, F_SRC, F_DST = 0, 1, 2
 FIELDS = 40
 
 CONV_PIXEL_BLOCK = 64  # output pixels per block: their sums and outputs stay in L1
+GEMM_SUM_ROWS = max(TILE_ROWS, VNNI_ROWS)  # rows of int32 sums a dense layer keeps (whichever tiles run)
 PAIR_LIMIT = 128  # |w0| + |w1| <= 128 keeps 255 * (|w0| + |w1|) inside int16: no vpmaddubsw saturation
 ALIGN = 64
 
@@ -229,7 +232,7 @@ def lower(plan: Plan) -> Program:
             case Gemm():
                 values = _lower_gemm(buffers, step, source, layouts[step.source])
                 rows.append(_row(OP_GEMM, step, GEMM_FIELDS, values))
-                scratch["i32"] = max(scratch["i32"], 4 * values["n_padded"])
+                scratch["i32"] = max(scratch["i32"], GEMM_SUM_ROWS * values["n_padded"])
             case Conv():
                 values, u8, i32 = _lower_conv(buffers, step, source, plan.tensors[step.target], layouts[step.source])
                 rows.append(_row(OP_CONV, step, CONV_FIELDS, values))

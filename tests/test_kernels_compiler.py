@@ -11,6 +11,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from kernels import NumbaModel, UnsupportedModelError, jitcache
+from kernels import isa as kernel_isa
 from kernels.compiler import compile_file, compile_model
 from kernels.loader import OnnxRuntimeModel, load_backend
 from kernels.plan import AvgPool, Conv, Dequantize, Gemm, Quantize, Square
@@ -125,10 +126,12 @@ def test_ceil_mode_pooling_is_refused():
         compile_model(model)
 
 
-def test_full_range_int8_weights_are_refused_at_load():
-    """Weights beyond the 7-bit range could saturate vpmaddubsw (and onnxruntime's AVX2 kernels)."""
+@pytest.mark.parametrize("isa", kernel_isa.available())
+def test_full_range_int8_weights_are_refused_at_load(isa):
+    """Weights beyond the 7-bit range could saturate vpmaddubsw (and onnxruntime's AVX2 kernels);
+    the VNNI path, exact there, refuses them too, so that whether a model loads never depends on the CPU."""
     with pytest.raises(UnsupportedModelError, match=r"conv\d+.*\|w0\| \+ \|w1\|"):
-        NumbaModel.from_onnx(_small_cnn(weight_limit=127), warm_up=False)
+        NumbaModel.from_onnx(_small_cnn(weight_limit=127), warm_up=False, isa=isa)
 
 
 def test_unsupported_model_falls_back_to_onnxruntime_with_a_warning(tmp_path, caplog):
@@ -151,6 +154,7 @@ def test_supported_model_loads_the_numba_backend(tmp_path):
     backend = load_backend(path)
     assert isinstance(backend, NumbaModel) and backend.backend == "numba"
     assert backend.warmup_seconds > 0
+    assert backend.isa == kernel_isa.select()
 
 
 def test_unreadable_file_is_an_artifact_error(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 
 from gateway.cli import BUNDLED_REPOSITORY
 from kernels import NumbaModel
+from kernels import isa as kernel_isa
 from kernels.compiler import compile_file
 from kernels.plan import Gemm
 from models import onnx_runtime
@@ -16,6 +17,7 @@ from models.errors import InvalidArgumentError
 from models.repository import ModelArtifact, load_artifact
 
 BUNDLED = sorted(path.parent for path in BUNDLED_REPOSITORY.glob("*/*/manifest.json"))
+ISAS = kernel_isa.available()  # every code path this CPU runs: avx2, and vnni where it has AVX512-VNNI
 
 
 def _output_step(path: Path) -> float:
@@ -28,8 +30,10 @@ def _output_step(path: Path) -> float:
     return plan.tensors[last.source].params.scale
 
 
-def _assert_matches_onnxruntime(path: Path, x: np.ndarray, *, threads: int = 1) -> np.ndarray:
-    logits = NumbaModel.load(path, threads=threads).predict_logits(x)
+def _assert_matches_onnxruntime(path: Path, x: np.ndarray, *, threads: int = 1, isa: str | None = None) -> np.ndarray:
+    model = NumbaModel.load(path, threads=threads, isa=isa)
+    assert model.isa == (isa or kernel_isa.select())
+    logits = model.predict_logits(x)
     expected = onnx_runtime.predict_logits(onnx_runtime.create_session(path), x)
     assert np.abs(logits - expected).max() <= _output_step(path) * 1.0001, "more than one quantization step apart"
     np.testing.assert_array_equal(logits.argmax(axis=1), expected.argmax(axis=1))
@@ -42,37 +46,54 @@ def digits_models(trained_repo) -> list[Path]:
     return sorted(trained_repo.glob("*/1/model.onnx"))
 
 
-def test_digits_models_match_onnxruntime(digits_models, digits):
+@pytest.mark.parametrize("isa", ISAS)
+def test_digits_models_match_onnxruntime(digits_models, digits, isa):
     x = digits.normalize(digits.test.x)
     for path in digits_models:
-        logits = _assert_matches_onnxruntime(path, x)
+        logits = _assert_matches_onnxruntime(path, x, isa=isa)
         assert (logits.argmax(axis=1) == digits.test.y).mean() > 0.5
 
 
-def test_exported_cnn_matches_onnxruntime_on_two_threads(exported_cnn, digits):
-    _assert_matches_onnxruntime(exported_cnn.artifact.onnx_path, digits.normalize(digits.test.x), threads=2)
+@pytest.mark.parametrize("isa", ISAS)
+def test_exported_cnn_matches_onnxruntime_on_two_threads(exported_cnn, digits, isa):
+    _assert_matches_onnxruntime(exported_cnn.artifact.onnx_path, digits.normalize(digits.test.x), threads=2, isa=isa)
 
 
-def test_result_for_one_input_does_not_depend_on_its_batch(digits_models, digits):
+def test_avx2_path_forced_by_the_environment_still_matches(monkeypatch, digits_models, digits):
+    """HEGATE_KERNELS_ISA=avx2 runs the AVX2 tiles even on a CPU with VNNI (how the paths are compared)."""
+    monkeypatch.setenv(kernel_isa.ENVIRONMENT, "avx2")
+    x = digits.normalize(digits.test.x)
+    for path in digits_models:
+        for threads in (1, 2):
+            model = NumbaModel.load(path, threads=threads)
+            assert model.isa == "avx2"
+            expected = onnx_runtime.predict_logits(onnx_runtime.create_session(path), x)
+            np.testing.assert_array_equal(model.predict_logits(x), expected)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_result_for_one_input_does_not_depend_on_its_batch(digits_models, digits, isa):
     x = digits.normalize(digits.test.x[:67])
     outliers = np.stack([np.full_like(x[0], 1e4), np.full_like(x[0], -1e4), np.full_like(x[0], np.nan)])
     for path in digits_models:
         for threads in (1, 2):
-            model = NumbaModel.load(path, threads=threads)
+            model = NumbaModel.load(path, threads=threads, isa=isa)
             alone = np.concatenate([model.predict_logits(x[i : i + 1]) for i in range(len(x))])
             np.testing.assert_array_equal(model.predict_logits(x), alone)
             np.testing.assert_array_equal(model.predict_logits(np.concatenate([outliers, x, outliers]))[3:-3], alone)
             np.testing.assert_array_equal(model.predict_logits(x[::-1])[::-1], alone)
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("batch", [1, 3, 8, 64, 255, 4096])
-def test_every_batch_size_runs_the_same_code(digits_models, digits, batch):
+def test_every_batch_size_runs_the_same_code(digits_models, digits, batch, isa):
     x = digits.normalize(digits.test.x)
     x = np.resize(x, (batch, *x.shape[1:]))
     for path in digits_models:
         expected = onnx_runtime.predict_logits(onnx_runtime.create_session(path), x)
         for threads in (1, 2):
-            np.testing.assert_array_equal(NumbaModel.load(path, threads=threads).predict_logits(x), expected)
+            model = NumbaModel.load(path, threads=threads, isa=isa)
+            np.testing.assert_array_equal(model.predict_logits(x), expected)
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +103,9 @@ def mnist():
     return load_dataset("mnist")
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("directory", BUNDLED, ids=[f"{d.parent.name}/{d.name}" for d in BUNDLED])
-def test_bundled_model_matches_onnxruntime_on_its_whole_test_set(directory, request):
+def test_bundled_model_matches_onnxruntime_on_its_whole_test_set(directory, request, isa):
     artifact: ModelArtifact = load_artifact(directory)
     if artifact.manifest.dataset == "mnist":
         dataset = request.getfixturevalue("mnist")
@@ -92,7 +114,7 @@ def test_bundled_model_matches_onnxruntime_on_its_whole_test_set(directory, requ
 
         dataset = load_dataset(artifact.manifest.dataset)
     x = artifact.manifest.input.normalization.apply(dataset.test.x)  # = dataset.normalize(x)
-    logits = _assert_matches_onnxruntime(artifact.onnx_path, x)
+    logits = _assert_matches_onnxruntime(artifact.onnx_path, x, isa=isa)
     assert len(logits) == len(dataset.test.y)
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from kernels import arithmetic, ops, reference
+from kernels import isa as kernel_isa
 from kernels.compiler import compile_model
 from kernels.executor import ONES, NumbaModel
 from kernels.program import PAIR_LIMIT, _pack
@@ -14,6 +15,7 @@ from kernels.testing import QdqGraph, random_weights
 from models.quantization import QuantParams
 
 SEEDS = range(8)
+ISAS = kernel_isa.available()
 
 
 def _extreme_inputs(rng: np.random.Generator, shape: tuple[int, ...], params: QuantParams) -> np.ndarray:
@@ -31,9 +33,12 @@ def _params(rng: np.random.Generator, scale_low: float, scale_high: float) -> Qu
 
 
 def _assert_kernels_match_reference(graph: QdqGraph, x: np.ndarray, *, threads: int = 1) -> np.ndarray:
+    """On every code path this CPU runs (AVX2, and VNNI where it has it): each one bit for bit."""
     plan = compile_model(graph.build())
-    got = NumbaModel(plan, threads=threads).predict_logits(x)
-    np.testing.assert_array_equal(got, reference.run(plan, x))
+    expected = reference.run(plan, x)
+    for isa in ISAS:
+        got = NumbaModel(plan, threads=threads, isa=isa).predict_logits(x)
+        np.testing.assert_array_equal(got, expected, err_msg=f"{isa} path")
     return got
 
 
@@ -189,26 +194,3 @@ def test_tiles_are_exact_at_the_pair_limit_and_saturate_beyond_it():
         expected = 255 * int(rows[0].astype(np.int64).sum())
         assert bool((sums[0] == expected).all()) == exact
         assert (abs(w_pair[0]) + abs(w_pair[1]) <= PAIR_LIMIT) == exact
-
-
-def test_tiles_compile_to_vpmaddubsw_on_avx2():
-    """The tiles rely on LLVM recognising vpmaddubsw/vpmaddwd in portable IR; an LLVM change that
-    lost the pattern would stay correct but run at half speed, so check the machine code."""
-    import llvmlite.binding as llvm
-    from numba import njit
-
-    from kernels.simd import tile_4x16
-
-    if "+avx2" not in llvm.get_host_cpu_features().flatten().split(","):
-        pytest.skip("no AVX2 on this CPU")
-
-    @njit(cache=False)
-    def probe(a, w, sums, ones):
-        tile_4x16(a, 0, w, 0, 2, sums, 0, 0, ones)
-
-    a, w = np.full((4, 8), 255, np.uint8), np.ones((2, 64), np.int8)
-    sums = np.zeros((4, 16), np.int32)
-    probe(a, w, sums, ONES)
-    np.testing.assert_array_equal(sums, np.full((4, 16), 255 * 8))
-    asm = next(iter(probe.inspect_asm().values()))
-    assert "vpmaddubsw" in asm and "vpmaddwd" in asm
