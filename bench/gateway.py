@@ -28,17 +28,10 @@ Results go to ``bench/results/gateway.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import re
-import select
-import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,9 +39,9 @@ import numpy as np
 
 from bench.loadgen import LoadGenerators, LoadSpec
 from bench.report import provenance, write
+from bench.server import Server, machine_busy_seconds, repository_with
 from gateway.api import hegate_v1_pb2 as hv1
 from gateway.api import hegate_v1_pb2_grpc as hv1_grpc
-from gateway.settings import BUNDLED_REPOSITORY
 
 # TenSEAL, numba and the datasets are imported inside the parts that use them: the generator
 # processes import this module too (``spawn``), and they should start light.
@@ -61,13 +54,6 @@ ENCRYPTED_IN_FLIGHT = 4
 WORKER_COUNTS = (2, 1)  # 2 = the default (one per core) first; the ratio is 2 over 1
 REQUEST_POOL = 64  # distinct plaintext images, sent round-robin
 CIPHERTEXT_POOL = 16  # distinct ciphertexts, sent round-robin
-START_TIMEOUT_SECONDS = 120.0
-READY_LINE = re.compile(r"^hegate: serving .*? on (?P<host>[^\s:]+):(?P<port>\d+)[,;]")
-METRICS_URL = re.compile(r"metrics on (?P<url>http://\S+/metrics);")
-COMPUTE_SUM = re.compile(
-    r'^hegate_compute_seconds_(?P<what>sum|count)\{[^}]*path="(?P<path>\w+)"[^}]*\} (?P<value>\S+)$'
-)
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 FOREIGN_CORES = 0.1  # more than this busy outside the gateway and the generators: measure the window again
 ATTEMPTS = 3
 TARGETS = {  # the gateway issue's targets
@@ -117,115 +103,6 @@ def _ms(seconds: np.ndarray | list[float], q: float, digits: int = 3) -> float:
     return round(1000 * float(np.percentile(seconds, q)), digits)
 
 
-# -- the gateway process -----------------------------------------------------------------------
-
-
-def _cpu_seconds(pid: int, thread: int | None = None) -> float:
-    """User + system CPU seconds of one process (or of one of its threads) from ``/proc``: the
-    14th and 15th fields of its ``stat``, counted after the command name, which may hold spaces."""
-    stat = Path(f"/proc/{pid}/stat") if thread is None else Path(f"/proc/{pid}/task/{thread}/stat")
-    try:
-        fields = stat.read_text().rpartition(")")[2].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def _machine_busy_seconds() -> float:
-    """CPU seconds the whole machine has spent busy (all cores, all processes) from ``/proc/stat``:
-    what is left after the gateway's and the generators' share is someone else's load."""
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
-    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid``: the gateway's encrypted workers and multiprocessing's tracker."""
-    children: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            children += [int(child) for child in (task / "children").read_text().split()]
-    return [grandchild for child in children for grandchild in (child, *_descendants(child))]
-
-
-class Server:
-    """``hegate serve`` in a subprocess: started on a free port, ready once it prints its line,
-    stopped with SIGTERM (the gateway's graceful stop) and killed only if that hangs."""
-
-    def __init__(self, repository: Path, workers: int, log: Path) -> None:
-        self.repository = repository
-        self.workers = workers
-        self.log = log
-        self.target = ""
-        self.metrics_url = ""
-        self.start_seconds = 0.0
-
-    def _command(self) -> list[str]:
-        script = Path(sys.executable).with_name("hegate")
-        entry = [str(script)] if script.exists() else [sys.executable, "-m", "gateway.cli"]
-        return [
-            *entry,
-            "serve",
-            "--repo",
-            str(self.repository),
-            "--address",
-            "127.0.0.1:0",
-            "--workers",
-            str(self.workers),
-            "--metrics-port",
-            "0",
-        ]
-
-    def __enter__(self) -> Server:
-        started = time.monotonic()
-        self._log = self.log.open("w")
-        self.process = subprocess.Popen(self._command(), stdout=subprocess.PIPE, stderr=self._log, text=True)
-        deadline = started + START_TIMEOUT_SECONDS
-        while not self.target:
-            remaining = deadline - time.monotonic()
-            readable, _, _ = select.select([self.process.stdout], [], [], max(0.0, remaining))
-            line = self.process.stdout.readline() if readable else ""
-            match = READY_LINE.match(line)
-            if match:
-                self.target = f"{match['host']}:{match['port']}"
-                metrics = METRICS_URL.search(line)
-                self.metrics_url = metrics["url"] if metrics else ""
-            elif not line and (remaining <= 0 or self.process.poll() is not None):
-                self.__exit__()
-                raise RuntimeError(f"hegate serve did not start; its log:\n{self.log.read_text()[-4000:]}")
-        self.start_seconds = time.monotonic() - started
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process.stdout.close()
-        self._log.close()
-
-    def cpu_seconds(self) -> tuple[float, float, float]:
-        """CPU seconds so far of the gateway's main thread (its asyncio loop, where the servicers
-        and the plaintext kernels run), of the whole gateway process (adding gRPC's own threads),
-        and of all its children together (the encrypted workers)."""
-        pid = self.process.pid
-        children = sum(_cpu_seconds(child) for child in _descendants(pid))
-        return _cpu_seconds(pid, pid), _cpu_seconds(pid), children
-
-    def compute_seconds(self, path: str) -> tuple[float, int]:
-        """Sum and count of the gateway's ``hegate_compute_seconds`` histogram on ``path``
-        (plaintext: request decoding, kernels and response encoding, without gRPC's own work)."""
-        totals = {"sum": 0.0, "count": 0.0}
-        with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
-            for line in response.read().decode().splitlines():
-                match = COMPUTE_SUM.match(line)
-                if match and match["path"] == path:
-                    totals[match["what"]] += float(match["value"])
-        return totals["sum"], int(totals["count"])
-
-
 # -- the load, from bench.loadgen's processes ----------------------------------------------------
 
 
@@ -262,7 +139,7 @@ def load(
         result = load_generators.run(
             warmup=warmup,
             seconds=seconds,
-            during=lambda: readings.append((server.cpu_seconds(), _machine_busy_seconds())),
+            during=lambda: readings.append((server.cpu_seconds(), machine_busy_seconds())),
         )
     if result.errors:
         raise RuntimeError(f"calls failed during the load: {result.errors}")
@@ -310,13 +187,6 @@ def quiet_load(server: Server, method: str, requests: list[bytes], **options: fl
 
 
 # -- the parts --------------------------------------------------------------------------------
-
-
-def repository_with(model: str, root: Path) -> Path:
-    """A repository holding only ``model`` (every version of it), so the gateway starts fast."""
-    repository = root / "repository"
-    shutil.copytree(BUNDLED_REPOSITORY / model, repository / model)
-    return repository
 
 
 def plaintext(server: Server, model: str, x: np.ndarray, durations: Durations) -> dict:
@@ -641,7 +511,7 @@ def main() -> int:
     }
     with tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp:
         root = Path(tmp)
-        repository = repository_with(args.model, root)
+        repository = repository_with([args.model], root)
         manifest = ModelRepository(repository).get(args.model).manifest
         x = manifest.input.normalization.apply(load_dataset(manifest.dataset).test.x[:REQUEST_POOL])
         result["registration"], result["encrypted_throughput"], result["start_seconds"] = [], [], {}
