@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CORE_STAMP := $(VENV)/.installed-core
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: serve test demo models protos bench-pipeline bench-kernels bench-encrypted bench-gateway bundled clean
+.PHONY: serve test demo models protos bench-pipeline bench-kernels bench-encrypted bench-gateway bench-privacy bench-peer bench-audit bundled clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,18 @@ bench-encrypted: $(DEV_STAMP)
 
 bench-gateway: $(DEV_STAMP)
 	$(BIN)/python -m bench.gateway
+
+# Every bundled model on every path (plaintext onnxruntime/numba, CKKS standard/high): table, CSV, JSON, plots (~15 min)
+bench-privacy: $(DEV_STAMP)
+	$(BIN)/hegate bench privacy
+
+# hegate beside MLServer (its own environment, .venv-mlserver, made from PyPI on first use; ~2 min)
+bench-peer: $(DEV_STAMP)
+	$(BIN)/python -m bench.peer
+
+# Membership-inference audit of every bundled model: loss and offline LiRA, 8 shadow models each (~30 min)
+bench-audit: $(DEV_STAMP)
+	$(BIN)/python -m bench.audit
 
 # Retrain every bundled model (about 10 minutes); these are the commands their manifests record.
 # The non-private baselines clip looser (with no noise, the DP recipes' tight clip only slows them).

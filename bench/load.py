@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import numpy as np
 from bench.loadgen import LoadGenerators, LoadSpec
 from gateway.client import HegateClient
 from gateway.client.protocol import encrypted_request, infer_request
+from gateway.client.sync import EncryptedSession
 from models.errors import InvalidArgumentError
 
 PLAINTEXT_METHOD = "/inference.GRPCInferenceService/ModelInfer"
@@ -37,20 +39,39 @@ def sample_inputs(shape: list[int], count: int) -> np.ndarray:
     return np.random.default_rng(0).uniform(0, 1, size=(count, *shape))
 
 
-def requests_for(client: HegateClient, model: str, *, plaintext: bool, batch: int) -> tuple[str, list[bytes], str]:
-    """Serialized requests (and the method) for ``model``; registers keys on the encrypted path."""
+@dataclass
+class Workload:
+    """Serialized requests for one model and path, and what producing them cost."""
+
+    method: str
+    requests: list[bytes]
+    path: str  # "plaintext", or "encrypted, keys <id>"
+    key_bytes: int = 0  # evaluation keys registered for the encrypted path
+    session: EncryptedSession | None = None  # close it to delete the keys from the gateway
+
+
+def workload(
+    client: HegateClient, model: str, *, plaintext: bool, batch: int, inputs: np.ndarray | None = None
+) -> Workload:
+    """``POOL`` requests of ``batch`` inputs each for ``model``; registers keys on the encrypted path.
+
+    ``inputs`` are raw (unnormalized) samples to draw from; by default the bundled MNIST samples.
+    """
     info = client.model(model)
-    x = info.manifest.input.normalization.apply(sample_inputs(info.manifest.input.shape, POOL * batch))
+    shape = info.manifest.input.shape
+    raw = sample_inputs(shape, POOL * batch) if inputs is None else np.resize(inputs, (POOL * batch, *shape))
+    x = info.manifest.input.normalization.apply(raw)
     groups = [x[i : i + batch] for i in range(0, len(x), batch)]
     if plaintext:
-        return PLAINTEXT_METHOD, [infer_request(info, g).SerializeToString() for g in groups], "plaintext"
+        return Workload(PLAINTEXT_METHOD, [infer_request(info, g).SerializeToString() for g in groups], "plaintext")
     session = client.encrypted_session(model)
     if batch > session.lanes:
+        session.close()
         raise InvalidArgumentError(f"{model} packs at most {session.lanes} inputs per ciphertext: --batch <= that")
     requests = [
         encrypted_request(info, session.key_id, session.keys.encrypt(g), len(g)).SerializeToString() for g in groups
     ]
-    return ENCRYPTED_METHOD, requests, f"encrypted, keys {session.key_id[:12]}..."
+    return Workload(ENCRYPTED_METHOD, requests, f"encrypted, keys {session.key_id[:12]}...", session.key_bytes, session)
 
 
 def markdown(rows: list[dict], header: str) -> str:
@@ -66,15 +87,15 @@ def markdown(rows: list[dict], header: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     with HegateClient(args.target, api_key=args.api_key) as client:
-        method, requests, path = requests_for(client, args.model, plaintext=args.plaintext, batch=args.batch)
+        work = workload(client, args.model, plaintext=args.plaintext, batch=args.batch)
         levels = [("rate", r) for r in args.rate] if args.rate else [("concurrency", c) for c in args.concurrency]
         rows = []
         for kind, value in levels:
             in_flight = args.max_in_flight if kind == "rate" else int(value)
             spec = LoadSpec(
                 target=args.target,
-                method=method,
-                requests=requests,
+                method=work.method,
+                requests=work.requests,
                 in_flight=in_flight,
                 generators=min(args.generators, in_flight),
                 rate=value if kind == "rate" else None,
@@ -92,12 +113,12 @@ def run(args: argparse.Namespace) -> int:
                 f"errors {row['errors'] or 'none'}",
                 flush=True,
             )
-    header = f"# Load on {args.target}: {args.model}, {path}, batch {args.batch}"
+    header = f"# Load on {args.target}: {args.model}, {work.path}, batch {args.batch}"
     print(markdown(rows, header))
     if args.json:
         Path(args.json).write_text(
             json.dumps(
-                {"target": args.target, "model": args.model, "path": path, "batch": args.batch, "levels": rows},
+                {"target": args.target, "model": args.model, "path": work.path, "batch": args.batch, "levels": rows},
                 indent=2,
             )
             + "\n"

@@ -3,7 +3,8 @@
 
 Requests are serialized before the run and the method is called without serializers (bytes in,
 bytes out), so a generator spends its time in gRPC, not in Python. Generators start, connect
-and make one call each before the measured window is announced; ``time.monotonic`` is the same
+and make one call each before the first measured window is announced, then serve any number of
+windows (each with its own concurrency) until they are told to stop; ``time.monotonic`` is the same
 clock in every process on Linux, so the window means the same instants everywhere, and the
 caller can read CPU counters of other processes around it.
 
@@ -16,6 +17,7 @@ slots busy waits, and the delay counts in its latency (no coordinated omission).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import time
 from collections import Counter
@@ -76,88 +78,96 @@ class LoadResult:
         return row
 
 
-def _generator(connection: Connection, spec: LoadSpec, share: int, rate: float | None) -> None:
+def _generator(connection: Connection, spec: LoadSpec, rate: float | None) -> None:
     try:
-        connection.send(asyncio.run(_generate(connection, spec, share, rate)))
+        asyncio.run(_serve_windows(connection, spec, rate))
     except Exception as exc:  # the parent raises it: a broken generator must not pass as a slow gateway
         connection.send({"error": f"{type(exc).__name__}: {exc}"})
 
 
-async def _generate(connection: Connection, spec: LoadSpec, in_flight: int, rate: float | None) -> dict:
+async def _serve_windows(connection: Connection, spec: LoadSpec, rate: float | None) -> None:
+    """Connect, then measure each window the parent announces, until it sends None."""
     async with grpc.aio.insecure_channel(spec.target, options=CHANNEL_OPTIONS) as channel:
         call = channel.unary_unary(spec.method)
         await channel.channel_ready()
         await call(spec.requests[0], metadata=spec.metadata, timeout=spec.timeout_seconds)
         connection.send("ready")
-        start, stop, count = connection.recv()
-        latencies: list[float] = []
-        statuses: Counter = Counter()
-        responses: list[bytes] = []
-        sent = 0
-        slots = asyncio.Semaphore(in_flight)
-        cpu: list[float] = []
+        while (window := connection.recv()) is not None:
+            connection.send(await _window(call, spec, rate, *window))
 
-        def more() -> bool:
-            return time.monotonic() < stop if count is None else sent < count
 
-        async def one(index: int, due: float) -> None:
-            try:
-                response = await call(
-                    spec.requests[index % len(spec.requests)], metadata=spec.metadata, timeout=spec.timeout_seconds
-                )
-                status = "OK"
-            except grpc.aio.AioRpcError as exc:
-                response, status = None, exc.code().name
-            done = time.monotonic()
-            if done >= start and (count is not None or done < stop):
-                statuses[status] += 1
-                if status == "OK":
-                    latencies.append(done - due)
-                    if spec.keep_responses:
-                        responses.append(response)
+async def _window(
+    call, spec: LoadSpec, rate: float | None, start: float, stop: float, count: int | None, in_flight: int
+) -> dict:
+    """One measured window: ``in_flight`` calls outstanding, from ``start`` to ``stop`` or ``count``."""
+    latencies: list[float] = []
+    statuses: Counter = Counter()
+    responses: list[bytes] = []
+    sent = 0
+    slots = asyncio.Semaphore(in_flight)
+    cpu: list[float] = []
 
-        async def caller() -> None:
-            """Closed loop: send, wait for the answer, send the next (no task per call: cheap)."""
-            nonlocal sent
-            while more():
-                index, sent = sent, sent + 1
-                await one(index, time.monotonic())
+    def more() -> bool:
+        return time.monotonic() < stop if count is None else sent < count
 
-        async def scheduled(index: int, due: float) -> None:
-            try:
-                await one(index, due)
-            finally:
-                slots.release()
+    async def one(index: int, due: float) -> None:
+        try:
+            response = await call(
+                spec.requests[index % len(spec.requests)], metadata=spec.metadata, timeout=spec.timeout_seconds
+            )
+            status = "OK"
+        except grpc.aio.AioRpcError as exc:
+            response, status = None, exc.code().name
+        done = time.monotonic()
+        if done >= start and (count is not None or done < stop):
+            statuses[status] += 1
+            if status == "OK":
+                latencies.append(done - due)
+                if spec.keep_responses:
+                    responses.append(response)
 
-        async def scheduler() -> None:
-            """Open loop: send on the schedule; latency counts from the scheduled instant, so a wait
-            for a free slot is in it."""
-            nonlocal sent
-            tasks = set()
-            while more():
-                due = start + sent / rate
-                await asyncio.sleep(max(0.0, due - time.monotonic()))
-                await slots.acquire()
-                task = asyncio.create_task(scheduled(sent, due))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-                sent += 1
-            await asyncio.gather(*tasks)
+    async def caller() -> None:
+        """Closed loop: send, wait for the answer, send the next (no task per call: cheap)."""
+        nonlocal sent
+        while more():
+            index, sent = sent, sent + 1
+            await one(index, time.monotonic())
 
-        async def clock() -> None:
-            """This process's CPU time at the window's edges (the warm-up's is not the window's)."""
-            await asyncio.sleep(max(0.0, start - time.monotonic()))
+    async def scheduled(index: int, due: float) -> None:
+        try:
+            await one(index, due)
+        finally:
+            slots.release()
+
+    async def scheduler() -> None:
+        """Open loop: send on the schedule; latency counts from the scheduled instant, so a wait
+        for a free slot is in it."""
+        nonlocal sent
+        tasks = set()
+        while more():
+            due = start + sent / rate
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            await slots.acquire()
+            task = asyncio.create_task(scheduled(sent, due))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            sent += 1
+        await asyncio.gather(*tasks)
+
+    async def clock() -> None:
+        """This process's CPU time at the window's edges (the warm-up's is not the window's)."""
+        await asyncio.sleep(max(0.0, start - time.monotonic()))
+        cpu.append(time.process_time())
+        if count is None:
+            await asyncio.sleep(max(0.0, stop - time.monotonic()))
             cpu.append(time.process_time())
-            if count is None:
-                await asyncio.sleep(max(0.0, stop - time.monotonic()))
-                cpu.append(time.process_time())
 
-        if rate or count is not None:  # a schedule or a fixed number of requests starts with the window
-            await asyncio.sleep(max(0.0, start - time.monotonic()))
-        load = scheduler() if rate else asyncio.gather(*(caller() for _ in range(in_flight)))
-        await asyncio.gather(clock(), load)
-        if count is not None:
-            cpu.append(time.process_time())
+    if rate or count is not None:  # a schedule or a fixed number of requests starts with the window
+        await asyncio.sleep(max(0.0, start - time.monotonic()))
+    load = scheduler() if rate else asyncio.gather(*(caller() for _ in range(in_flight)))
+    await asyncio.gather(clock(), load)
+    if count is not None:
+        cpu.append(time.process_time())
     return {
         "latencies": latencies,
         "statuses": dict(statuses),
@@ -170,7 +180,8 @@ async def _generate(connection: Connection, spec: LoadSpec, in_flight: int, rate
 class LoadGenerators:
     """``with LoadGenerators(spec) as generators: result = generators.run(warmup=1, seconds=10)``.
 
-    One measured window per ``with`` block (the processes exit after it). The caller's
+    The processes start and connect once, then measure any number of windows, each with its own
+    number of calls in flight (the spec's by default); they exit with the block. The caller's
     ``during`` callback, if any, runs at the window's start and at its end, to read counters of
     other processes. In count mode the window starts after the warm-up and ends when the last of
     the ``count`` requests has been answered.
@@ -186,11 +197,10 @@ class LoadGenerators:
     def __enter__(self) -> LoadGenerators:
         context = multiprocessing.get_context("spawn")
         spec, n = self.spec, self.spec.generators
-        for g in range(n):
-            share = spec.in_flight // n + (g < spec.in_flight % n)
+        for _ in range(n):
             ours, theirs = context.Pipe()
             rate = spec.rate / n if spec.rate else None
-            process = context.Process(target=_generator, args=(theirs, spec, share, rate), daemon=True)
+            process = context.Process(target=_generator, args=(theirs, spec, rate), daemon=True)
             process.start()
             theirs.close()
             self._pipes.append(ours)
@@ -203,16 +213,28 @@ class LoadGenerators:
                 raise RuntimeError(f"load generator failed: {message['error']}")
         return self
 
-    def run(self, *, warmup: float, seconds: float | None = None, count: int | None = None, during=None) -> LoadResult:
-        """One measured window: ``seconds`` long, or until ``count`` requests have been sent."""
+    def run(
+        self,
+        *,
+        warmup: float,
+        seconds: float | None = None,
+        count: int | None = None,
+        in_flight: int | None = None,
+        during=None,
+    ) -> LoadResult:
+        """One measured window: ``seconds`` long, or until ``count`` requests have been sent, with
+        ``in_flight`` calls outstanding over all generators (default: the spec's)."""
         if (seconds is None) == (count is None):
             raise ValueError("give a duration or a request count")
+        in_flight = self.spec.in_flight if in_flight is None else in_flight
+        if in_flight < len(self._pipes):
+            raise ValueError("need at least one call in flight per generator")
         start = time.monotonic() + warmup
         stop = start + seconds if seconds is not None else float("inf")
         n = len(self._pipes)
         for g, pipe in enumerate(self._pipes):
             share = None if count is None else count // n + (g < count % n)
-            pipe.send((start, stop, share))
+            pipe.send((start, stop, share, in_flight // n + (g < in_flight % n)))
         time.sleep(max(0.0, start - time.monotonic()))
         if during:
             during()
@@ -241,6 +263,8 @@ class LoadGenerators:
 
     def __exit__(self, *exc) -> None:
         for pipe in self._pipes:
+            with contextlib.suppress(OSError):  # a generator that failed has gone already
+                pipe.send(None)
             pipe.close()
         for process in self._processes:
             process.join(30)

@@ -18,17 +18,18 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def provenance(module: str) -> dict[str, str]:
-    """The exact command (``python -m <module> <args>``), the UTC date and the machine."""
+    """The exact command (``hegate <args>`` or ``python -m <module> <args>``), the UTC date and the machine."""
+    program = ["hegate"] if Path(sys.argv[0]).name == "hegate" else ["python", "-m", module]
     return {
-        "command": shlex.join(["python", "-m", module, *sys.argv[1:]]),
+        "command": shlex.join([*program, *sys.argv[1:]]),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine_description(),
     }
 
 
-def write(name: str, result: dict, markdown: str) -> None:
-    """Store the result as JSON and Markdown in ``bench/results/`` and print the Markdown."""
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown)
+def write(name: str, result: dict, markdown: str, directory: Path = RESULTS) -> None:
+    """Store the result as JSON and Markdown in ``directory`` and print the Markdown."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (directory / f"{name}.md").write_text(markdown)
     print(markdown)

@@ -11,11 +11,12 @@ import asyncio
 import logging
 import shlex
 import sys
+import typing
 from pathlib import Path
 
 import numpy as np
 
-from gateway.settings import BUNDLED_REPOSITORY
+from gateway.settings import BUNDLED_REPOSITORY, GatewaySettings
 from models.errors import HegateError
 from models.manifest import Manifest
 from models.repository import ModelRepository
@@ -110,6 +111,8 @@ def _serve(args: argparse.Namespace) -> int:
         key_budget_bytes=args.key_budget_mib and args.key_budget_mib << 20,
         key_ttl_seconds=args.key_ttl,
         grace_seconds=args.grace,
+        plaintext_backend=args.plaintext_backend,
+        ckks_precision=args.ckks_precision,
     )
 
     async def run() -> None:
@@ -206,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--key-budget-mib", type=int, help="memory for registered evaluation keys")
     serve.add_argument("--key-ttl", type=float, help="seconds an unused key set stays registered")
     serve.add_argument("--grace", type=float, help="seconds in-flight requests get at shutdown")
+    for name in ("plaintext_backend", "ckks_precision"):
+        field = GatewaySettings.model_fields[name]
+        flag = "--" + name.replace("_", "-")
+        choices = typing.get_args(field.annotation)
+        serve.add_argument(flag, choices=choices, help=f"{field.description} (default {field.default})")
     serve.set_defaults(handler=_serve)
 
     infer = commands.add_parser("infer", help="classify an input through a running gateway (encrypted by default)")
@@ -216,10 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
     _client_flags(infer)
     infer.set_defaults(handler=_infer)
 
+    from bench import audit as bench_audit
     from bench import load as bench_load
+    from bench import peer as bench_peer
+    from bench import privacy as bench_privacy
 
     bench = commands.add_parser("bench", help="measure what privacy costs (load, ...)")
-    bench_load.add_parser(bench.add_subparsers(dest="bench_command", required=True))
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    bench_load.add_parser(bench_commands)
+    bench_audit.add_parser(bench_commands)
+    bench_peer.add_parser(bench_commands)
+    bench_privacy.add_parser(bench_commands)
     return parser
 
 

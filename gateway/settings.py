@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict
 
+from gateway.he.params import Precision
 from models.errors import InvalidArgumentError
 
 BUNDLED_REPOSITORY = Path(__file__).resolve().parent.parent / "models" / "bundled"
@@ -58,6 +59,12 @@ class GatewaySettings(BaseSettings):
     queue_limit: int = Field(default=64, ge=1, description="encrypted requests queued or running per model")
     max_batch: int = Field(default=4096, ge=1, description="largest plaintext batch per request")
     grace_seconds: float = Field(default=10.0, ge=0, description="time in-flight requests get at shutdown")
+    plaintext_backend: Literal["numba", "onnxruntime"] = Field(  # kernels.loader.Backend; a test keeps them equal
+        default="numba", description="numba int8 kernels, or onnxruntime (the reference) for every model"
+    )
+    ckks_precision: Precision = Field(
+        default="standard", description="CKKS parameter profile: standard (smallest ring) or high (~2**15 finer)"
+    )
 
     @model_validator(mode="after")
     def _checks(self) -> GatewaySettings:

@@ -6,9 +6,12 @@ and the exact command lands in the manifest.
 
 from __future__ import annotations
 
+import re
+
 from pydantic import BaseModel, ConfigDict
 
-from models.errors import NotFoundError
+from models.errors import InvalidArgumentError, NotFoundError
+from models.manifest import Manifest
 from models.training import TrainingConfig
 
 
@@ -72,3 +75,42 @@ def recipe_for(dataset: str, architecture: str, **overrides: object) -> Recipe:
         architecture_options=options,
         training=TrainingConfig(**{**training, **given}),
     )
+
+
+def recipe_from_manifest(manifest: Manifest) -> Recipe:
+    """The recipe that trained ``manifest``'s model, rebuilt from its DP and training records.
+
+    An auditor needs more models trained exactly like a released one (the reference models of a
+    membership-inference attack) without re-parsing the recorded command line. Every training
+    field comes from the record; the architecture options are not overridable from the command
+    line, so they are the recipe's defaults, checked against the recorded architecture.
+
+    Raises:
+        NotFoundError: no recipe for the recorded dataset and architecture.
+        InvalidArgumentError: the record does not match this code's recipe (its architecture
+            options changed since), or names no momentum.
+    """
+    architecture = manifest.training.architecture.split(" ", 1)[0]
+    momentum = re.search(r"momentum ([0-9.eE+-]+)\)", manifest.training.optimizer)
+    if momentum is None:
+        raise InvalidArgumentError(f"{manifest.name}: no momentum in optimizer {manifest.training.optimizer!r}")
+    dp = manifest.dp
+    recipe = recipe_for(
+        dp.dataset,
+        architecture,
+        epsilon=dp.target_epsilon,
+        delta=dp.delta,
+        epochs=dp.epochs,
+        batch_size=dp.expected_batch_size,
+        learning_rate=manifest.training.learning_rate,
+        momentum=float(momentum.group(1)),
+        max_grad_norm=dp.max_grad_norm,
+        seed=dp.seed,
+        threads=manifest.training.torch_threads,
+    )
+    rebuilt = f"{recipe.architecture} {recipe.architecture_options}"
+    if rebuilt != manifest.training.architecture:
+        raise InvalidArgumentError(
+            f"{manifest.name}: trained as {manifest.training.architecture!r}, the recipe now builds {rebuilt!r}"
+        )
+    return recipe

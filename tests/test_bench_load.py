@@ -45,6 +45,17 @@ def test_a_request_count_is_sent_exactly_and_every_outcome_counted(gateway, requ
     assert len(result.latencies) == 101 and summary["p50_ms"] <= summary["p99_ms"]
 
 
+def test_one_start_measures_several_windows_each_with_its_own_concurrency(gateway, requests):
+    spec = LoadSpec(
+        gateway.target, PLAINTEXT_METHOD, requests, in_flight=4, generators=2, metadata=(("x-api-key", "k"),)
+    )
+    with LoadGenerators(spec) as generators:
+        counts = [generators.run(warmup=0.1, count=n, in_flight=k).ok for n, k in ((20, 2), (31, 5), (7, 4))]
+        with pytest.raises(ValueError, match="one call in flight per generator"):
+            generators.run(warmup=0.1, count=5, in_flight=1)
+    assert counts == [20, 31, 7]
+
+
 def test_errors_are_counted_by_status_code(gateway, requests):
     """Round-robin over one valid request and three for a model that does not exist: of 12 calls,
     3 succeed and 9 come back NOT_FOUND, counted, not raised."""

@@ -68,6 +68,23 @@ def test_encrypted_logits_are_within_the_stated_bound_and_agree_with_onnxruntime
     assert agreement >= min(0.999, rounding_allows), f"{name}: {agreement:.2%} agree with onnxruntime"
 
 
+@pytest.mark.parametrize("name", ["breast-cancer-linear-eps3", "mnist-cnn-eps3"])
+def test_the_high_precision_profile_buys_a_far_smaller_error_with_a_larger_ring(name):
+    artifact = REPOSITORY.get(name)
+    standard = EncryptedModel(artifact.onnx_path).spec
+    model = EncryptedModel(artifact.onnx_path, precision="high")
+    spec = model.spec
+    assert spec.precision == "high" and spec.parameters.scale_bits >= 50
+    assert spec.parameters.poly_modulus_degree > standard.parameters.poly_modulus_degree
+    assert spec.logit_error_bound < standard.logit_error_bound / 1000
+    client = ClientKeys(spec)
+    keys = model.load_keys(*client.evaluation_keys())
+    data = load_dataset(artifact.manifest.dataset)
+    x = artifact.manifest.input.normalization.apply(data.test.x[: spec.packing.lanes])
+    encrypted = client.decrypt(model.evaluate(client.encrypt(x), keys), len(x))
+    assert np.abs(encrypted - lower(artifact.onnx_path).evaluate(x)).max() <= spec.logit_error_bound
+
+
 def test_the_default_model_packs_one_input_and_the_mlp_four():
     cnn = EncryptedModel(REPOSITORY.get("mnist-cnn-eps3").onnx_path).spec
     mlp = EncryptedModel(REPOSITORY.get("mnist-mlp-eps3").onnx_path).spec

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 
 from gateway.settings import BUNDLED_REPOSITORY, load_settings
@@ -59,3 +61,18 @@ def test_a_broken_config_file_is_refused(tmp_path):
     broken.write_text("workers = = 3")
     with pytest.raises(InvalidArgumentError, match=r"broken\.toml"):
         load_settings(config_file=broken)
+
+
+def test_the_plaintext_backends_and_ckks_profiles_offered_are_the_ones_that_exist():
+    """The settings name them without importing numba or TenSEAL (so they load light): keep them equal."""
+    from gateway.he.params import PRECISIONS
+    from gateway.settings import GatewaySettings
+    from kernels.loader import Backend
+
+    fields = GatewaySettings.model_fields
+    assert typing.get_args(fields["plaintext_backend"].annotation) == typing.get_args(Backend)
+    assert set(typing.get_args(fields["ckks_precision"].annotation)) == set(PRECISIONS)
+    settings = load_settings(plaintext_backend="onnxruntime", ckks_precision="high")
+    assert (settings.plaintext_backend, settings.ckks_precision) == ("onnxruntime", "high")
+    with pytest.raises(InvalidArgumentError, match="ckks_precision"):
+        load_settings(ckks_precision="ultra")

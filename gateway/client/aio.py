@@ -71,6 +71,10 @@ class AsyncHegateClient:
         request = infer_request(await self.model(model, version), x)
         return logits_of(await self._call(self._oip.ModelInfer, request))
 
+    async def platform(self, model: str, version: str = "") -> str:
+        request = oip.ModelMetadataRequest(name=model, version=version)
+        return (await self._call(self._oip.ModelMetadata, request)).platform
+
     async def spec(self, model: str, version: str = "") -> EncryptionSpec:
         request = hv1.GetEncryptionSpecRequest(model_name=model, model_version=version)
         return spec_of(await self._call(self._hegate.GetEncryptionSpec, request))

@@ -67,6 +67,11 @@ class HegateClient:
         """Plaintext logits ``[n, classes]`` for normalized float32 inputs (one, or a batch)."""
         return logits_of(self._call(self._oip.ModelInfer, infer_request(self.model(model, version), x)))
 
+    def platform(self, model: str, version: str = "") -> str:
+        """The model's Open Inference Protocol platform: ``hegate_int8_<plaintext backend>`` here."""
+        request = oip.ModelMetadataRequest(name=model, version=version)
+        return self._call(self._oip.ModelMetadata, request).platform
+
     def spec(self, model: str, version: str = "") -> EncryptionSpec:
         request = hv1.GetEncryptionSpecRequest(model_name=model, model_version=version)
         return spec_of(self._call(self._hegate.GetEncryptionSpec, request))

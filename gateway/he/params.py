@@ -10,16 +10,41 @@ from __future__ import annotations
 
 import math
 from functools import cached_property
+from typing import TYPE_CHECKING, Literal
 
-import tenseal.sealapi as seal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    import tenseal.sealapi as seal
 
 MAX_MODULUS_BITS = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
 MAX_PRIME_BITS = 60
 MIN_SCALE_BITS = 26  # below this, the intermediate layers' rounding reaches the logits' third decimal
 RESULT_SCALE_BITS = 24  # the result's rounding, ~2**-24 relative: far below any logit margin
+
+Precision = Literal["standard", "high"]
+
+
+class PrecisionProfile(BaseModel):
+    """What a parameter set must give, before it is made as small (fast) as 128-bit security allows.
+
+    ``standard`` holds logits to about 1e-3 in the smallest ring: what class agreement needs. ``high``
+    asks for a 50-bit scale and a 40-bit result, which usually takes the next ring degree: about
+    2**15 times smaller logit errors for 2-4x the time, keys and bytes. The privacy benchmark sweeps both.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    result_scale_bits: int = Field(ge=10, le=MAX_PRIME_BITS)
+    min_scale_bits: int = Field(ge=20, le=MAX_PRIME_BITS)
+
+
+PRECISIONS: dict[Precision, PrecisionProfile] = {
+    "standard": PrecisionProfile(result_scale_bits=RESULT_SCALE_BITS, min_scale_bits=MIN_SCALE_BITS),
+    "high": PrecisionProfile(result_scale_bits=40, min_scale_bits=50),
+}
 
 
 class CkksParameters(BaseModel):
@@ -65,7 +90,10 @@ class CkksParameters(BaseModel):
 
     @cached_property
     def seal_context(self) -> seal.SEALContext:
-        """The SEAL context; SEAL re-checks the 128-bit limit itself."""
+        """The SEAL context; SEAL re-checks the 128-bit limit itself. (TenSEAL is imported here, not
+        above: the gateway's settings name the precision profiles and should load light.)"""
+        import tenseal.sealapi as seal
+
         parms = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
         parms.set_poly_modulus_degree(self.poly_modulus_degree)
         parms.set_coeff_modulus(seal.CoeffModulus.Create(self.poly_modulus_degree, self.coeff_modulus_bits))
@@ -76,10 +104,10 @@ class CkksParameters(BaseModel):
 
 
 def choose_parameters(
-    *, depth: int, slots_needed: int, value_bound: float, result_scale_bits: int = RESULT_SCALE_BITS
+    *, depth: int, slots_needed: int, value_bound: float, precision: Precision = "standard"
 ) -> CkksParameters:
-    """The smallest ring that holds ``slots_needed`` values through ``depth`` rescales, with the
-    largest scale that ring allows at 128-bit security.
+    """The smallest ring that holds ``slots_needed`` values through ``depth`` rescales at the
+    ``precision`` asked for, with the largest scale that ring allows at 128-bit security.
 
     The first prime is the only one left in a result, so it sets the result's size: it holds
     values up to ``value_bound`` at ``2**result_scale_bits`` (the last layer lowers the scale to
@@ -90,11 +118,13 @@ def choose_parameters(
         depth: multiplicative depth (rescales) of the plan.
         slots_needed: the widest vector the plan packs into one ciphertext.
         value_bound: a bound on ``|value|`` at every stage (see ``LoweredModel.bounds``).
-        result_scale_bits: precision of the result; ``2**-result_scale_bits`` is about its rounding.
+        precision: a key of :data:`PRECISIONS`: the result's scale and the least scale accepted.
 
     Raises:
         InvalidArgumentError: nothing within 128-bit security fits.
     """
+    profile = PRECISIONS[precision]
+    result_scale_bits = profile.result_scale_bits
     first = result_scale_bits + max(1, math.ceil(math.log2(max(value_bound, 1.0)))) + 2
     if first > MAX_PRIME_BITS:
         raise InvalidArgumentError(
@@ -102,7 +132,7 @@ def choose_parameters(
         )
     for degree, limit in sorted(MAX_MODULUS_BITS.items()):
         scale = min(MAX_PRIME_BITS, (limit - first) // (depth + 1))
-        if degree // 2 >= slots_needed and scale >= max(MIN_SCALE_BITS, first):
+        if degree // 2 >= slots_needed and scale >= max(profile.min_scale_bits, first):
             bits = [first] + [scale] * (depth + 1)
             return CkksParameters(
                 poly_modulus_degree=degree,
@@ -112,5 +142,5 @@ def choose_parameters(
             )
     raise InvalidArgumentError(
         f"no ring degree holds {slots_needed} slots at depth {depth} with a scale of at least "
-        f"{MIN_SCALE_BITS} bits and a {first}-bit first prime within 128-bit security"
+        f"{profile.min_scale_bits} bits and a {first}-bit first prime within 128-bit security"
     )

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway.he.graph import Affine, LoweredModel, Square, lower
 from gateway.he.linear import DiagonalPlan, EncodedLinear, next_power_of_two, plan_matrix, plan_replicated
 from gateway.he.packing import ConvGeometry, Packing
-from gateway.he.params import CkksParameters, choose_parameters
+from gateway.he.params import CkksParameters, Precision, choose_parameters
 from gateway.he.wire import dump, load_ciphertext, load_galois_keys, load_public_context, load_relin_keys
 from models.errors import InvalidArgumentError
 
@@ -52,6 +52,7 @@ class EncryptionSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     plan_version: int = PLAN_VERSION
+    precision: Precision = Field(default="standard", description="the profile the parameters were chosen for")
     parameters: CkksParameters
     rotation_steps: list[int] = Field(description="the only rotations evaluation uses: make Galois keys for these")
     packing: Packing
@@ -158,8 +159,8 @@ def _error_bound(params: CkksParameters, lowered: LoweredModel, bounds: list[flo
     return error
 
 
-def compile_plan(path: Path) -> tuple[EncryptionSpec, list[DiagonalPlan | None]]:
-    """Lower the model at ``path`` and plan it.
+def compile_plan(path: Path, *, precision: Precision = "standard") -> tuple[EncryptionSpec, list[DiagonalPlan | None]]:
+    """Lower the model at ``path`` and plan it with parameters of the given ``precision``.
 
     Raises:
         UnsupportedOperatorError: an operator CKKS cannot evaluate, named with its node.
@@ -170,7 +171,7 @@ def compile_plan(path: Path) -> tuple[EncryptionSpec, list[DiagonalPlan | None]]
         raise InvalidArgumentError("the model must start and end with a linear layer")
     virtual = _virtual_slots(lowered)
     bounds = lowered.bounds()
-    params = choose_parameters(depth=lowered.depth, slots_needed=virtual, value_bound=max(bounds))
+    params = choose_parameters(depth=lowered.depth, slots_needed=virtual, value_bound=max(bounds), precision=precision)
     packing = _packing(lowered, slots=params.slots, virtual_slots=virtual)
     plans: list[DiagonalPlan | None] = []
     costs: list[LayerCost] = []
@@ -210,6 +211,7 @@ def compile_plan(path: Path) -> tuple[EncryptionSpec, list[DiagonalPlan | None]]
         )
     steps = sorted({step * packing.lanes for plan in plans if plan is not None for step in plan.rotation_steps} - {0})
     spec = EncryptionSpec(
+        precision=precision,
         parameters=params,
         rotation_steps=steps,
         packing=packing,
@@ -228,9 +230,9 @@ class EncryptedModel:
     requests, each with its own client's keys.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, precision: Precision = "standard") -> None:
         self.path = path
-        self.spec, stages = compile_plan(path)
+        self.spec, stages = compile_plan(path, precision=precision)
         context = self.spec.parameters.seal_context
         self.context = context
         self.evaluator = seal.Evaluator(context)

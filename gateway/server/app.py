@@ -61,7 +61,12 @@ class Gateway:
 
     async def start(self) -> None:
         settings = self.settings
-        self.store = await asyncio.to_thread(ModelStore, settings.repository)
+        self.store = await asyncio.to_thread(
+            ModelStore,
+            settings.repository,
+            plaintext_backend=settings.plaintext_backend,
+            precision=settings.ckks_precision,
+        )
         self.keys = InMemoryKeyStore(budget_bytes=settings.key_budget_bytes, ttl_seconds=settings.key_ttl_seconds)
         self.pool = WorkerPool(
             self.store.worker_models(),

@@ -83,7 +83,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelMetadataResponse(
             name=model.name,
             versions=[m.version for m in self.store.models() if m.name == model.name],
-            platform=PLATFORM,
+            platform=f"{PLATFORM}_{model.plaintext.backend}",
             inputs=[
                 pb.ModelMetadataResponse.TensorMetadata(
                     name=manifest.input.name, datatype="FP32", shape=[-1, *manifest.input.shape]

@@ -1,9 +1,10 @@
 """The models a gateway serves: each artifact with its plaintext backend and its encryption spec.
 
 Loaded once at start. The plaintext path runs the numba int8 kernels (onnxruntime if the kernels
-refuse a model) in the gateway process itself: one MNIST request takes 7-104 us, less than a
-hop to another process costs. Encryption specs are compiled here too (clients fetch them); the
-encoded plans live in the workers. A model the engine cannot compile is served in plaintext
+refuse a model, or for every model when the settings ask for it) in the gateway process itself:
+one MNIST request takes 7-104 us, less than a hop to another process costs. Encryption specs are
+compiled here too, at the configured precision (clients fetch them); the encoded plans live in
+the workers. A model the engine cannot compile is served in plaintext
 only, with a logged reason.
 """
 
@@ -15,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from gateway.he.params import Precision
 from gateway.he.plan import EncryptionSpec, compile_plan
 from gateway.workers.messages import ModelRef
-from kernels import load_backend
-from kernels.loader import LogitsModel
+from kernels import OnnxRuntimeModel, load_backend
+from kernels.loader import Backend, LogitsModel
 from models.errors import HegateError, InvalidArgumentError, NotFoundError
 from models.repository import ModelArtifact, ModelRepository
 
@@ -64,16 +66,24 @@ class ServedModel:
 class ModelStore:
     """Every version of every model in a repository, ready to serve."""
 
-    def __init__(self, repository: Path) -> None:
+    def __init__(
+        self, repository: Path, *, plaintext_backend: Backend = "numba", precision: Precision = "standard"
+    ) -> None:
         self.repository = ModelRepository(repository)
+        self.precision = precision
         self._models: dict[str, dict[str, ServedModel]] = {}
         for artifact in self.repository.artifacts():
             spec = None
             try:
-                spec, _ = compile_plan(artifact.onnx_path)
+                spec, _ = compile_plan(artifact.onnx_path, precision=precision)
             except HegateError as exc:
                 logger.warning("%s is served in plaintext only: %s", artifact.manifest.name, exc)
-            served = ServedModel(artifact=artifact, plaintext=load_backend(artifact.onnx_path), spec=spec)
+            plaintext = (
+                load_backend(artifact.onnx_path)
+                if plaintext_backend == "numba"
+                else OnnxRuntimeModel(artifact.onnx_path)
+            )
+            served = ServedModel(artifact=artifact, plaintext=plaintext, spec=spec)
             self._models.setdefault(served.name, {})[served.version] = served
 
     def models(self) -> list[ServedModel]:
@@ -108,7 +118,7 @@ class ModelStore:
     def worker_models(self) -> list[ModelRef]:
         """What the encrypted workers load."""
         return [
-            ModelRef(name=m.name, version=m.version, onnx_path=m.artifact.onnx_path)
+            ModelRef(name=m.name, version=m.version, onnx_path=m.artifact.onnx_path, precision=self.precision)
             for m in self.models()
             if m.spec is not None
         ]

@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from gateway.he.params import Precision
+
 
 class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -23,6 +25,7 @@ class ModelRef(_Message):
     name: str
     version: str
     onnx_path: Path
+    precision: Precision = "standard"
 
 
 class LoadKeys(_Message):

@@ -39,7 +39,7 @@ class Worker:
     """The state of one worker: compiled models and deserialized keys."""
 
     def __init__(self, models: list[ModelRef]) -> None:
-        self.models = {(m.name, m.version): EncryptedModel(m.onnx_path) for m in models}
+        self.models = {(m.name, m.version): EncryptedModel(m.onnx_path, precision=m.precision) for m in models}
         self.keys: dict[str, tuple[tuple[str, str], Keys]] = {}
 
     def _model(self, name: str, version: str) -> EncryptedModel:
