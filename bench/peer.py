@@ -49,7 +49,6 @@ import contextlib
 import hashlib
 import os
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -67,7 +66,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from bench.gateway import ATTEMPTS, FOREIGN_CORES, PLAINTEXT_METHOD
 from bench.loadgen import CHANNEL_OPTIONS, LoadGenerators, LoadResult, LoadSpec
 from bench.report import provenance, write
-from bench.server import Server, cpu_seconds, descendants, machine_busy_seconds, repository_with
+from bench.server import Server, cpu_seconds, descendants, machine_busy_seconds, repository_with, stop
 from gateway.api import grpc_predict_v2_pb2 as oip
 from gateway.api import grpc_predict_v2_pb2_grpc as oip_grpc
 
@@ -257,13 +256,7 @@ class MLServerProcess:
                 time.sleep(0.25)
 
     def __exit__(self, *exc: object) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop(self.process, group=True)
         self._log.close()
 
     def cpu_seconds(self) -> tuple[float, float, float]:

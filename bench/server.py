@@ -31,6 +31,21 @@ COMPUTE_SUM = re.compile(
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def stop(process: subprocess.Popen, *, group: bool = False) -> None:
+    """SIGTERM (a server's graceful stop), then SIGKILL if it has not exited in 30 s; ``group``
+    kills the process's whole session too (a server that forks workers, started in its own)."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            if group:
+                os.killpg(process.pid, signal.SIGKILL)
+            else:
+                process.kill()
+            process.wait()
+
+
 def repository_with(models: list[str], root: Path, source: Path = BUNDLED_REPOSITORY) -> Path:
     """A repository under ``root`` holding only ``models`` (every version), so a gateway starts fast."""
     repository = root / "repository"
@@ -117,13 +132,7 @@ class Server:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop(self.process)
         self.process.stdout.close()
         self._log.close()
 
