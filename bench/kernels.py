@@ -11,8 +11,10 @@ The throughput targets are checked at every thread count measured, each backend 
 Every measurement alternates the three backends round by round on the same MNIST test images and
 reports the median round, so that a background load drifting during the run hits all three alike
 (with a short pause between backends, as their thread pools spin after each call); the machine's
-load average is recorded beside the numbers. numba's logits are checked to be
-bit-identical to onnxruntime's before anything is timed. The PyTorch model is rebuilt from the
+load average is recorded beside the numbers. numba's logits are checked against onnxruntime's
+before anything is timed: bit-identical for a uint8 model, and for an A16W8 model (whose 16-bit
+layers onnxruntime runs in float32) the same classes and every logit within
+:func:`kernels.testing.onnxruntime_deviation_bound`. The PyTorch model is rebuilt from the
 ONNX file's dequantized weights and runs in float32 (its logits differ by the quantization error).
 
 Compile times are measured in fresh processes with an empty numba cache (cold: compiles and
@@ -42,6 +44,7 @@ from gateway.cli import BUNDLED_REPOSITORY
 from kernels import NumbaModel
 from kernels import isa as kernel_isa
 from kernels.plan import AvgPool, Conv, Elementwise, Gemm, Plan, Relu, Square
+from kernels.testing import onnxruntime_deviation_bound
 from models import onnx_runtime
 from models.repository import load_artifact
 
@@ -190,6 +193,25 @@ def _compile_times(path: Path, threads: int) -> dict:
     return result
 
 
+def agreement(model: NumbaModel, x: np.ndarray, reference: np.ndarray) -> dict:
+    """How the kernels' logits match onnxruntime's: bit for bit where onnxruntime runs integer
+    kernels (uint8 models), within the stated float32 bound where it runs 16-bit layers in float."""
+    logits = model.predict_logits(x)
+    difference = np.abs(logits - reference)
+    same_class = bool(np.array_equal(logits.argmax(1), reference.argmax(1)))
+    if not model.plan.has_16_bit:
+        return {"rule": "bit-identical", "max_abs_difference": float(difference.max()), "same_class": same_class,
+                "met": bool(np.array_equal(logits, reference))}  # fmt: skip
+    bound = onnxruntime_deviation_bound(model.plan, x)
+    return {
+        "rule": "within the float32 deviation bound",
+        "max_abs_difference": float(difference.max()),
+        "largest_difference_over_bound": round(float((difference / np.maximum(bound, 1e-30)).max()), 3),
+        "same_class": same_class,
+        "met": bool(same_class and (difference <= bound).all()),
+    }
+
+
 def bench_model(
     name: str, repo: Path, threads_list: list[int], *, rounds: int, seconds: float, images: np.ndarray
 ) -> dict:
@@ -203,7 +225,7 @@ def bench_model(
     result["isa"] = check.isa
     result["macs_per_sample"] = check.program.macs_per_sample
     reference = onnx_runtime.predict_logits(onnx_runtime.create_session(artifact.onnx_path), x_all)
-    result["bit_identical_to_onnxruntime"] = bool(np.array_equal(check.predict_logits(x_all), reference))
+    result["onnxruntime_agreement"] = agreement(check, x_all, reference)
     module = torch_model(check.plan)
     with torch.inference_mode():
         fp32 = module(torch.from_numpy(x_all)).numpy()
@@ -250,6 +272,17 @@ def checks(models: list[dict]) -> list[dict]:
     return rows
 
 
+def _agreement_text(a: dict) -> str:
+    verdict = "yes" if a["met"] else "NO"
+    if a["rule"] == "bit-identical":
+        return f"bit-identical: {verdict}"
+    return (
+        f"A16W8 (onnxruntime runs the 16-bit layers in float32), same classes and every logit within the stated "
+        f"bound: {verdict} (largest difference {a['max_abs_difference']:.2g}, "
+        f"{a['largest_difference_over_bound']} of its bound)"
+    )
+
+
 def _markdown(result: dict) -> str:
     lines = [
         "# numba int8 kernels benchmark",
@@ -276,8 +309,8 @@ def _markdown(result: dict) -> str:
             f"## {m['model']}",
             "",
             f"Plan: {'; '.join(m['plan'])}. {m['macs_per_sample']:,} int8 MACs per sample. "
-            f"numba logits bit-identical to onnxruntime on {result['images']} MNIST test images: "
-            f"{'yes' if m['bit_identical_to_onnxruntime'] else 'NO'}; PyTorch fp32 predicts the same class on "
+            f"numba logits against onnxruntime on {result['images']} MNIST test images, "
+            f"{_agreement_text(m['onnxruntime_agreement'])}; PyTorch fp32 predicts the same class on "
             f"{m['torch_fp32_same_class']:.2%}.",
             "",
             "| batch | threads | numba | onnxruntime | PyTorch fp32 | numba / onnxruntime |",
@@ -385,7 +418,7 @@ def main() -> int:
     result["load_average"]["end"] = round(os.getloadavg()[0], 2)
     write("kernels", result, _markdown(result))
     _plot(result, RESULTS / "kernels.png")
-    met = all(c["met"] for c in result["checks"]) and all(m["bit_identical_to_onnxruntime"] for m in models)
+    met = all(c["met"] for c in result["checks"]) and all(m["onnxruntime_agreement"]["met"] for m in models)
     return 0 if met else 1
 
 

@@ -39,6 +39,11 @@ level and server; each row is its own run, beside hegate's figures of that run):
     1 (its default)   off        844, 1.177 ms          1,443, 22.6 ms           1,975 / 5,317
     2                 off        814, 1.220 ms          1,647, 18.3 ms           1,966 / 5,085
 
+A third server, the floor (:mod:`bench.floor`), answers every call with a fixed pre-serialized
+response through a bare grpc.aio generic handler; it gets the same windows. Its ratios over
+MLServer bound what any Python grpc.aio server can reach here, hegate included: the distance
+between hegate and the floor is what server code can still win; the rest is gRPC's.
+
 Results go to ``bench/results/peer.{json,md}``.
 """
 
@@ -63,6 +68,7 @@ import grpc
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from bench.floor import FloorProcess
 from bench.gateway import ATTEMPTS, FOREIGN_CORES, PLAINTEXT_METHOD
 from bench.loadgen import CHANNEL_OPTIONS, LoadGenerators, LoadResult, LoadSpec
 from bench.report import provenance, write
@@ -82,6 +88,7 @@ MODEL = "mnist-cnn-eps3"
 START_TIMEOUT_SECONDS = 120.0
 QUICK_NOTE = " (--quick: a smoke run, not figures to quote)"
 HEGATE_WORKERS = 1  # encrypted workers only; the plaintext path runs in the gateway's event loop
+SIDES = ("hegate", "mlserver", "floor")
 TARGETS = {  # the peer issue's targets, hegate over MLServer at every level
     "throughput_ratio": (">=", 2.0),
     "p50_ratio": ("<=", 0.5),
@@ -275,7 +282,7 @@ class Side:
     connected for every window; a spec that differs between the sides only in its target)."""
 
     name: str
-    server: Server | MLServerProcess
+    server: Server | MLServerProcess | FloorProcess
     load: LoadGenerators
 
 
@@ -347,7 +354,8 @@ def pooled(windows: list[tuple[LoadResult, dict]]) -> dict:
 
 
 def level(sides: list[Side], *, in_flight: int, durations: Durations) -> dict:
-    """Both sides at ``in_flight`` calls, windows alternating (A B B A ...), and hegate over MLServer."""
+    """Every side at ``in_flight`` calls, windows alternating (A B C C B A ...); hegate over MLServer,
+    and the floor over MLServer (what a server doing nothing but gRPC would reach)."""
     windows: dict[str, list[tuple[LoadResult, dict]]] = {side.name: [] for side in sides}
     for round_index in range(durations.rounds):
         for side in sides if round_index % 2 == 0 else sides[::-1]:
@@ -355,12 +363,18 @@ def level(sides: list[Side], *, in_flight: int, durations: Durations) -> dict:
             result, _ = windows[side.name][-1]
             print(f"  {in_flight} in flight, {side.name}: {result.ok / result.seconds:,.0f} OK/s", flush=True)
     rows = {name: pooled(rows) for name, rows in windows.items()}
-    hegate, mlserver = rows["hegate"], rows["mlserver"]
+    return {"in_flight": in_flight, **rows, **_ratios(rows, "hegate"), **_ratios(rows, "floor", prefix="floor_")}
+
+
+def _ratios(rows: dict[str, dict], name: str, *, prefix: str = "") -> dict:
+    """``name``'s throughput and p50 over MLServer's (none when that side was not measured)."""
+    if name not in rows:
+        return {}
+    side, mlserver = rows[name], rows["mlserver"]
+    both = "p50_ms" in side and "p50_ms" in mlserver
     return {
-        "in_flight": in_flight,
-        **rows,
-        "throughput_ratio": round(hegate["requests_per_second"] / max(mlserver["requests_per_second"], 1e-9), 2),
-        "p50_ratio": round(hegate["p50_ms"] / mlserver["p50_ms"], 3) if "p50_ms" in mlserver else None,
+        f"{prefix}throughput_ratio": round(side["requests_per_second"] / max(mlserver["requests_per_second"], 1e-9), 2),
+        f"{prefix}p50_ratio": round(side["p50_ms"] / mlserver["p50_ms"], 3) if both else None,
     }
 
 
@@ -418,7 +432,8 @@ def check_targets(levels: list[dict]) -> list[dict]:
 def markdown(result: dict) -> str:
     """The side-by-side table, the ratios against the targets, and where the cores went."""
     config = result["mlserver"]["config"]
-    repeated = sum(row[name]["repeated_windows"] for row in result["levels"] for name in ("hegate", "mlserver"))
+    names = [name for name in SIDES if name in result["levels"][0]]
+    repeated = sum(row[name]["repeated_windows"] for row in result["levels"] for name in names)
     lines = [
         "# hegate beside MLServer",
         "",
@@ -444,7 +459,7 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["levels"]:
-        for name in ("hegate", "mlserver"):
+        for name in names:
             r = row[name]
             errors = ", ".join(f"{code} {n}" for code, n in r["errors"].items()) or "none"
             lines.append(
@@ -482,6 +497,25 @@ def markdown(result: dict) -> str:
             f"| {check['figure']} | {check['in_flight']} | {check['value']} | {check['target']} "
             f"| {'yes' if check['met'] else 'NO'} |"
         )
+    if "floor" in names:
+        lines += [
+            "",
+            "## The floor: a grpc.aio server that does nothing (`bench/floor.py`)",
+            "",
+            "The same windows against a bare grpc.aio generic handler that answers every call with hegate's "
+            "pre-serialized response (no parsing, no model): what gRPC alone costs a Python server here.",
+            "",
+            "| in flight | floor / MLServer throughput | floor / MLServer p50 | hegate / floor throughput "
+            "| hegate / floor p50 |",
+            "|---|---|---|---|---|",
+        ]
+        for row in result["levels"]:
+            h, f = row["hegate"], row["floor"]
+            p50 = f"{h['p50_ms'] / f['p50_ms']:.2f}" if "p50_ms" in h and "p50_ms" in f else "-"
+            lines.append(
+                f"| {row['in_flight']} | {row['floor_throughput_ratio']} | {row['floor_p50_ratio']} "
+                f"| {h['requests_per_second'] / max(f['requests_per_second'], 1e-9):.2f} | {p50} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -490,8 +524,9 @@ def markdown(result: dict) -> str:
 
 def side_by_side(root: Path, executable: Path, model: str, config: MLServerConfig, concurrency: list[int],
                  generators: int, durations: Durations) -> dict:  # fmt: skip
-    """Both servers on ``model`` (a repository under ``root`` holding only it), the request pool
-    built by hegate's SDK, the agreement check, then every level."""
+    """hegate and MLServer on ``model`` (a repository under ``root`` holding only it), the request
+    pool built by hegate's SDK, the agreement check, the floor server answering with hegate's
+    response to the pool's first request, then every level."""
     from bench.load import workload
     from gateway.client import HegateClient
     from models.repository import ModelRepository
@@ -499,7 +534,8 @@ def side_by_side(root: Path, executable: Path, model: str, config: MLServerConfi
     repository = repository_with([model], root)
     artifact = ModelRepository(repository).get(model)
     version = str(artifact.manifest.version)
-    ports = Ports(*free_ports(3))
+    *mlserver_ports, floor_port = free_ports(4)
+    ports = Ports(*mlserver_ports)
     folder = mlserver_folder(
         root, model=model, version=version, onnx_path=artifact.onnx_path, config=config, ports=ports
     )
@@ -514,9 +550,12 @@ def side_by_side(root: Path, executable: Path, model: str, config: MLServerConfi
             "mlserver": {"version": mlserver.version_string, "config": config.model_dump()},
             "agreement": agreement({"hegate": hegate.target, "mlserver": mlserver.target}, requests),
         }
+        with grpc.insecure_channel(hegate.target, options=CHANNEL_OPTIONS) as channel:
+            response = channel.unary_unary(PLAINTEXT_METHOD)(requests[0], timeout=30)
         with contextlib.ExitStack() as stack:
+            floor = stack.enter_context(FloorProcess(floor_port, response, root))
             sides = []
-            for name, server in (("hegate", hegate), ("mlserver", mlserver)):
+            for name, server in (("hegate", hegate), ("mlserver", mlserver), ("floor", floor)):
                 spec = load_spec(server.target, requests, most_in_flight=max(concurrency), generators=generators)
                 sides.append(Side(name, server, stack.enter_context(LoadGenerators(spec))))
             result["levels"] = [level(sides, in_flight=c, durations=durations) for c in concurrency]

@@ -38,6 +38,7 @@ def _train(args: argparse.Namespace) -> int:
     recipe = recipe_for(
         args.dataset,
         args.arch,
+        activation_bits=args.activation_bits,
         epsilon=args.epsilon,
         delta=args.delta,
         epochs=args.epochs,
@@ -183,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-grad-norm", type=float, help="per-sample clipping bound C")
     train.add_argument("--seed", type=int)
     train.add_argument("--threads", type=int, help="torch threads (default 1)")
+    train.add_argument(
+        "--activation-bits", type=int, choices=[8, 16], help="hidden activations' width (default: 16 for mlp, else 8)"
+    )
     train.add_argument("--out", type=Path, default=Path("model_repo"), help="model repository to write into")
     train.add_argument("--name", help="model name (default: <dataset>-<arch>-eps<epsilon>)")
     train.add_argument("--version", type=int, default=1)

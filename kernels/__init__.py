@@ -1,5 +1,8 @@
 """numba int8 kernels for the plaintext fast path: the same logits as onnxruntime, faster.
 
+(Bit for bit for models with uint8 activations. For A16W8 models, whose uint16 layers
+onnxruntime runs in float32, the exact integer result instead: see ``arithmetic``.)
+
 ``compiler`` turns an int8 QDQ ONNX graph into a :class:`~kernels.plan.Plan`, ``program``
 packs it into flat arrays, ``executor`` runs it through the kernels of ``ops`` (whose integer
 products are the register tiles of ``simd``, AVX2 or AVX512-VNNI as ``isa`` picks for the CPU),

@@ -3,8 +3,9 @@
 Measured against onnxruntime 1.32 (CPU provider, ``ORT_ENABLE_ALL``; the tests in
 ``tests/test_kernels_reference.py`` hold every formula below to bit-identical outputs on
 synthetic single-operator graphs, ties and saturation included). With graph optimization on,
-onnxruntime fuses each ``DequantizeLinear -> op -> QuantizeLinear`` group into one integer
-kernel, and the rounding is the kernel's, not the ONNX float reference's:
+onnxruntime fuses each uint8 ``DequantizeLinear -> op -> QuantizeLinear`` group into one integer
+kernel, and the rounding is the kernel's, not the ONNX float reference's (16-bit tensors: see
+below):
 
 * **QuantizeLinear** (MLAS): ``q = rint(clamp(x / scale, -zp, 255 - zp)) + zp`` in float32. It
   divides (a multiply by ``1 / scale`` rounds differently), clamps *before* rounding, and NaN
@@ -37,6 +38,36 @@ kernel, and the rounding is the kernel's, not the ONNX float reference's:
   (With an output zero point of 0 onnxruntime drops the Relu, which gives the same numbers.)
 * **DequantizeLinear**: ``float32(q - zp) * scale``.
 
+**16-bit activations** (A16W8: int8 weights, uint8 network input, uint16 hidden activations;
+``QuantizeLinear`` with a uint16 zero point, opset 21). onnxruntime has no integer kernels for
+uint16 tensors: it fuses none of their ``DequantizeLinear -> op -> QuantizeLinear`` groups and
+runs the op in float32 on the dequantized values (checked on its optimized graph: a float Gemm
+and a float Mul between DequantizeLinear and QuantizeLinear). So:
+
+* **QuantizeLinear to uint16**: the uint8 formula with 65535 for 255: divide, clamp to
+  ``[-zp, 65535 - zp]``, round half to even, add ``zp``; NaN becomes 0 (ties, NaN, infinities
+  and saturation checked bit for bit against onnxruntime). **DequantizeLinear** is unchanged.
+* **Square on uint16** (``DQ -> Mul(x, x) -> Q``): float32 ``d = float32(q - zp) * scale``,
+  ``y = d * d``, then QuantizeLinear of ``y``; not QLinearMul's integer formula, which is only
+  what onnxruntime runs when both sides are uint8. Bit-identical to onnxruntime.
+* **Gemm with a uint16 output or a uint16 input**: onnxruntime computes a float32 SGEMM of the
+  dequantized inputs and weights plus the dequantized bias, in a summation order (blocking,
+  FMA) that is its own and that nothing outside MLAS can reproduce. The kernels compute instead
+  the exact integer result, with the 8-bit QGemm's scaling: the int32 sum of ``(q - zp) * w``
+  plus the int32 bias (the compiler admits only layers whose worst case fits int32), times the
+  float32 multiplier ``(x_scale * w_scale[c]) / y_scale``, rounded half to even and clamped to
+  ``[-zp, 65535 - zp]``, plus ``zp``; with a float output ``float32(acc) * (x_scale * w_scale[c])``.
+  These layers are therefore *exact-integer*, not bit-identical to onnxruntime: one rounding of
+  the exact sum, where onnxruntime's float sum carries float32 rounding errors. On the bundled
+  MNIST MLPs (784 -> 128 -> square -> 10, all 10,000 test images), 0.05-0.07% of the first
+  layer's values came out one 16-bit step away from onnxruntime's (never more), the squares
+  that follow amplify that to 1-4 steps on 0.03-0.04%, the logits were at most 0.003-0.005 apart
+  (of logits up to 100-200), and every class agreed. ``kernels.testing`` derives a bound.
+
+Why not reproduce the float path: the rounding errors of a float32 sum of 784 products depend
+on the order of the additions, which depends on MLAS's blocking for the CPU and the batch size;
+the exact integer sum is the same on every CPU, every ISA and every batch, as the 8-bit path is.
+
 The integer products themselves are exact in both onnxruntime and these kernels only because
 hegate's weights are 7-bit (see ``models/quantization.py``): with full-range int8 weights,
 onnxruntime's AVX2 kernels saturate int16 pair sums.
@@ -45,6 +76,8 @@ onnxruntime's AVX2 kernels saturate int16 pair sums.
 from __future__ import annotations
 
 import numpy as np
+
+from models.quantization import code_dtype, code_max
 
 F32 = np.float32
 INT32_LIMIT = F32(2.0**31)  # float32 values at or beyond this do not convert to int32
@@ -76,24 +109,27 @@ def dequantize_table(scale: float, zero_point: int) -> np.ndarray:
     return (F32(scale) * (np.arange(256, dtype=np.int32) - zero_point).astype(F32)).astype(F32)
 
 
-def quantize(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
-    """QuantizeLinear to uint8, NaN to 0 (see the module docstring)."""
+def quantize(x: np.ndarray, scale: float, zero_point: int, bits: int = 8) -> np.ndarray:
+    """QuantizeLinear to uint8 (or uint16 with ``bits=16``), NaN to 0 (see the module docstring)."""
     v = (np.asarray(x, F32) / F32(scale)).astype(F32)
-    low, high = F32(-zero_point), F32(255 - zero_point)
+    low, high = F32(-zero_point), F32(code_max(bits) - zero_point)
     v = np.where(v > low, v, low)  # NaN fails the comparison and takes ``low``, as maxps does
     v = np.where(v < high, v, high)
-    return (np.rint(v) + zero_point).astype(np.uint8)
+    return (np.rint(v) + zero_point).astype(code_dtype(bits))
 
 
 def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
     return ((q.astype(np.int32) - zero_point).astype(F32) * F32(scale)).astype(F32)
 
 
-def requantize(acc: np.ndarray, multiplier: np.ndarray, zero_point: int) -> np.ndarray:
-    """MlasRequantizeOutput: int32 accumulator to uint8 (``multiplier`` broadcasts against ``acc``)."""
+def requantize(acc: np.ndarray, multiplier: np.ndarray, zero_point: int, bits: int = 8) -> np.ndarray:
+    """MlasRequantizeOutput: int32 accumulator to uint8 (``multiplier`` broadcasts against ``acc``).
+
+    With ``bits=16``, the same scaling to uint16: how the kernels round a 16-bit Gemm's exact sums.
+    """
     v = (np.asarray(acc, np.int32).astype(F32) * np.asarray(multiplier, F32)).astype(F32)
-    v = np.clip(v, F32(-zero_point), F32(255 - zero_point))
-    return (np.rint(v) + zero_point).astype(np.uint8)
+    v = np.clip(v, F32(-zero_point), F32(code_max(bits) - zero_point))
+    return (np.rint(v) + zero_point).astype(code_dtype(bits))
 
 
 def saturate_rounded(v: np.ndarray) -> np.ndarray:
@@ -105,9 +141,17 @@ def saturate_rounded(v: np.ndarray) -> np.ndarray:
 
 
 def square(q: np.ndarray, input_zero_point: int, ratio: np.float32, output_zero_point: int) -> np.ndarray:
-    """QLinearMul of a tensor with itself."""
+    """QLinearMul of a uint8 tensor with itself."""
     d = q.astype(np.int32) - input_zero_point
     return saturate_rounded((d * d).astype(F32) * F32(ratio) + F32(output_zero_point))
+
+
+def float_square(
+    q: np.ndarray, input_scale: float, input_zero_point: int, scale: float, zero_point: int, bits: int = 16
+) -> np.ndarray:
+    """``DequantizeLinear -> Mul(x, x) -> QuantizeLinear`` in float32: onnxruntime's square of a uint16 tensor."""
+    d = dequantize(q, input_scale, input_zero_point)
+    return quantize((d * d).astype(F32), scale, zero_point, bits)
 
 
 def relu(q: np.ndarray, source_scale: float, source_zero_point: int, scale: float, zero_point: int) -> np.ndarray:

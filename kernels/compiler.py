@@ -8,12 +8,32 @@ result is the output (onnxruntime runs it as a QGemm with a float output). Any o
 with a float output runs in float32 in onnxruntime, which integer kernels cannot reproduce bit
 for bit, so it is refused. Weights must be int8 initializers behind a
 ``DequantizeLinear`` with zero zero-points (per-channel along the output axis, or per-tensor),
-biases int32 initializers, activations uint8 per-tensor. Anything else, an unknown operator as
-much as an unsupported attribute value, raises :class:`UnsupportedModelError` naming the node,
-at load time: a model either runs entirely on the kernels or not at all.
+biases int32 initializers, activations uint8 (or uint16, below) per-tensor. Anything else, an
+unknown operator as much as an unsupported attribute value, raises
+:class:`UnsupportedModelError` naming the node, at load time: a model either runs entirely on
+the kernels or not at all.
+
+16-bit activations (A16W8 models: ``QuantizeLinear`` with a uint16 zero point). onnxruntime
+fuses no group that touches a uint16 tensor and runs it in float32 (:mod:`kernels.arithmetic`),
+so the kernels accept only the few uint16 operations they implement, each with a stated rule:
+
+* ``QuantizeLinear`` of the float input to uint16, and ``DequantizeLinear`` of a uint16 tensor
+  into the graph output: onnxruntime's formulas, bit for bit;
+* ``Mul(x, x)`` from uint16 to uint16: the float32 square, bit for bit;
+* ``Gemm`` from uint8 to uint16 (the 8-bit SIMD tiles, a 16-bit output), from uint16 to uint16,
+  and from uint16 to the float graph output: exact integer sums, not bit-identical to
+  onnxruntime's float32 SGEMM, whose summation order cannot be reproduced. The compiler admits
+  such a layer only if its worst-case sum ``max|q - zp| * sum|w| + |bias|`` fits int32 (so the
+  int32 sums are exact); ``Flatten`` of a uint16 tensor, as of any other.
+
+Conv, AveragePool and Relu on a uint16 tensor, and any step between a uint8 and a uint16 tensor
+other than the uint8-input Gemm (a square from uint8 to uint16, a Gemm from uint16 to uint8),
+are refused naming the node.
 
 After parsing, a square or ReLU that directly follows a convolution or dense layer is fused
-into it (one kernel writes the activated uint8 result), and tensors left unused are dropped.
+into it (one kernel writes the activated result: for a 16-bit square, the float32 square of the
+requantized uint16 value, so fused and unfused give the same codes), and tensors left unused
+are dropped.
 """
 
 from __future__ import annotations
@@ -47,9 +67,11 @@ from kernels.plan import (
     Tensor,
 )
 from models.errors import ModelArtifactError
-from models.quantization import QuantParams
+from models.quantization import INT32_MAX, QuantParams
 
 SUPPORTED_OPERATORS = ("QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "Mul", "Relu", "AveragePool", "Flatten")
+_ZERO_POINT_BITS = {np.dtype(np.uint8): 8, np.dtype(np.uint16): 16}
+_OUTPUT_DTYPE_BITS = {onnx.TensorProto.UINT8: 8, onnx.TensorProto.UINT16: 16}
 
 
 @dataclass(frozen=True)
@@ -150,20 +172,49 @@ class _Compiler:
         return self.initializers[name]
 
     def _quant_params(self, node: onnx.NodeProto) -> QuantParams:
-        """Per-tensor uint8 scale and zero point of a Q or DQ on an activation."""
+        """Per-tensor uint8 or uint16 scale and zero point of a Q or DQ on an activation."""
         scale = self._initializer(node, node.input[1], "scale")
         if scale.size != 1 or scale.dtype != np.float32 or not np.isfinite(scale).all() or float(scale.ravel()[0]) <= 0:
             raise _refuse(node, f"scale must be one positive finite float32, got {scale.dtype} {scale.ravel()[:4]}")
         if len(node.input) > 2 and node.input[2]:
             zero = self._initializer(node, node.input[2], "zero point")
-            if zero.size != 1 or zero.dtype != np.uint8:
+            if zero.size != 1 or zero.dtype not in _ZERO_POINT_BITS:
                 raise _refuse(
-                    node, f"activations must be uint8 per-tensor; zero point is {zero.dtype} of size {zero.size}"
+                    node,
+                    f"activations must be uint8 per-tensor (or uint16, A16W8); zero point is {zero.dtype} of size "
+                    f"{zero.size}",
                 )
-            zero_point = int(zero.ravel()[0])
-        else:
-            zero_point = 0
-        return QuantParams(scale=float(scale.ravel()[0]), zero_point=zero_point)
+            zero_point, bits = int(zero.ravel()[0]), _ZERO_POINT_BITS[zero.dtype]
+        else:  # no zero point: 0, of the type QuantizeLinear's output_dtype names (uint8 by default)
+            output_dtype = int(_attributes(node).get("output_dtype", 0)) if node.op_type == "QuantizeLinear" else 0
+            if output_dtype not in (0, *_OUTPUT_DTYPE_BITS):
+                raise _refuse(node, f"activations must be uint8 or uint16; output_dtype is {output_dtype}")
+            zero_point, bits = 0, _OUTPUT_DTYPE_BITS.get(output_dtype, 8)
+        return QuantParams(scale=float(scale.ravel()[0]), zero_point=zero_point, bits=bits)
+
+    @staticmethod
+    def _refuse_16_bit(node: onnx.NodeProto, *params: QuantParams) -> None:
+        """Refuse ``node`` if it reads or writes a uint16 tensor: its operator has no 16-bit form here."""
+        if any(p.bits == 16 for p in params):
+            raise _refuse(
+                node,
+                f"reads or writes a uint16 tensor; {node.op_type} is supported on uint8 tensors only (16-bit "
+                "activations: Gemm, Mul(x, x), Flatten, QuantizeLinear of the input, DequantizeLinear of the output)",
+            )
+
+    def _check_accumulation(self, node: onnx.NodeProto, source: _View, weight: np.ndarray, bias: np.ndarray) -> None:
+        """A Gemm with a uint16 input or output is computed as exact int32 sums: refuse it unless the
+        worst case ``max|q - zp| * sum|w| + |bias|`` (over output channels) fits int32."""
+        params = self.tensors[source.tensor].params
+        largest = max(params.zero_point, params.qmax - params.zero_point)
+        rows = np.abs(weight.astype(np.int64)).sum(axis=1)
+        worst = int((largest * rows + np.abs(bias.astype(np.int64))).max(initial=0))
+        if worst > INT32_MAX:
+            raise _refuse(
+                node,
+                f"its integer sums could reach {worst} (|q - zp| <= {largest}, inputs {weight.shape[1]}), beyond "
+                "int32: the 16-bit Gemm is computed in exact int32 arithmetic",
+            )
 
     def _new_tensor(self, shape: tuple[int, ...], params: QuantParams) -> int:
         self.tensors.append(Tensor(shape=tuple(int(s) for s in shape), params=params))
@@ -250,6 +301,8 @@ class _Compiler:
             raise _refuse(node, f"dequantizes {source!r}, which is neither an initializer nor a quantized tensor")
         view = self.quantized[source]
         params = self._quant_params(node)
+        if len(node.input) < 3 or not node.input[2]:  # no zero point: 0, of the input's type
+            params = dataclasses.replace(params, bits=self.tensors[view.tensor].bits)
         if params != self.tensors[view.tensor].params:
             raise _refuse(node, "dequantizes with a scale or zero point different from the tensor's QuantizeLinear")
         if output == self.output_name:
@@ -262,6 +315,7 @@ class _Compiler:
     def conv(self, node: onnx.NodeProto) -> None:
         self._integer_output(node)
         source = self._activation_input(node, node.input[0])
+        self._refuse_16_bit(node, self.tensors[source.tensor].params)
         if len(source.shape) != 3:
             raise _refuse(node, f"needs a [channels, height, width] input, got {list(source.shape)}")
         weight, scale = self._weights(node, node.input[1], 0)
@@ -317,6 +371,8 @@ class _Compiler:
             weight=weight, weight_scale=scale, bias=self._bias(node, source, scale), shape=(weight.shape[0],)
         )
         if node.output[0] == self.output_name:  # float logits straight from the int32 sums
+            if self.tensors[source.tensor].bits == 16:
+                self._check_accumulation(node, source, weight, details["bias"])
             step = Gemm(
                 name=node.name, source=source.tensor, target=OUTPUT, weight=weight, weight_scale=scale,
                 bias=details["bias"], output=None,
@@ -342,11 +398,13 @@ class _Compiler:
     def relu(self, node: onnx.NodeProto) -> None:
         self._integer_output(node)
         source = self._activation_input(node, node.input[0])
+        self._refuse_16_bit(node, self.tensors[source.tensor].params)
         self.pending[node.output[0]] = _Pending(node, source, "elementwise", dict(kind=Relu))
 
     def average_pool(self, node: onnx.NodeProto) -> None:
         self._integer_output(node)
         source = self._activation_input(node, node.input[0])
+        self._refuse_16_bit(node, self.tensors[source.tensor].params)
         if len(source.shape) != 3:
             raise _refuse(node, f"needs a [channels, height, width] input, got {list(source.shape)}")
         attrs = _attributes(node)
@@ -388,6 +446,7 @@ class _Compiler:
     # ---- fused groups, completed by their QuantizeLinear ---------------------------------
 
     def _build_conv(self, pending: _Pending, params: QuantParams) -> tuple[int, Step]:
+        self._refuse_16_bit(pending.node, params)
         d = pending.details
         target = self._new_tensor(d["shape"], params)
         step = Conv(
@@ -405,6 +464,11 @@ class _Compiler:
 
     def _build_gemm(self, pending: _Pending, params: QuantParams) -> tuple[int, Step]:
         d = pending.details
+        source_bits = self.tensors[pending.source.tensor].bits
+        if source_bits == 16 and params.bits == 8:
+            raise _refuse(pending.node, "a Gemm from a uint16 to a uint8 tensor is not supported")
+        if 16 in (source_bits, params.bits):
+            self._check_accumulation(pending.node, pending.source, d["weight"], d["bias"])
         target = self._new_tensor(d["shape"], params)
         step = Gemm(
             name=pending.node.name,
@@ -419,7 +483,14 @@ class _Compiler:
 
     def _build_elementwise(self, pending: _Pending, params: QuantParams) -> tuple[int, Step]:
         # Same shape as the source tensor (not its view), so that the lowering lays both out alike.
-        target = self._new_tensor(self.tensors[pending.source.tensor].shape, params)
+        source = self.tensors[pending.source.tensor]
+        if pending.details["kind"] is Relu:
+            self._refuse_16_bit(pending.node, source.params, params)
+        elif source.bits != params.bits:
+            raise _refuse(
+                pending.node, f"a square from a uint{source.bits} to a uint{params.bits} tensor is not supported"
+            )
+        target = self._new_tensor(source.shape, params)
         activation = pending.details["kind"](output=params)
         return target, Elementwise(
             name=pending.node.name, source=pending.source.tensor, target=target, activation=activation
@@ -428,6 +499,7 @@ class _Compiler:
     def _build_pool(self, pending: _Pending, params: QuantParams) -> tuple[int, Step]:
         d = pending.details
         source = self.tensors[pending.source.tensor]
+        self._refuse_16_bit(pending.node, params)
         _, height, width = source.shape
         if d["kernel"] == (height, width) and not any(d["pads"]):
             scale = global_pool_scale(source.params.scale, params.scale, height * width)
@@ -515,7 +587,7 @@ def _compact(plan: Plan) -> Plan:
 
 
 def compile_model(model: onnx.ModelProto) -> Plan:
-    """Compile an int8 QDQ ONNX model to an execution plan.
+    """Compile an int8 QDQ ONNX model (uint8 activations, or A16W8) to an execution plan.
 
     Raises:
         UnsupportedModelError: an operator, attribute or quantization the kernels do not

@@ -24,6 +24,19 @@ before code generation, so a CPU compiles (and caches, under its own signature) 
 it runs. :meth:`NumbaModel.predict_logits` then calls the compiled entry point of its ISA's
 specialization directly.
 
+16-bit activations (A16W8 models): operations that read or write a uint16 tensor have opcodes
+of their own (``OP_QUANTIZE16`` and up, see :mod:`kernels.program`), which :func:`_run_chunk`
+hands to :func:`_run_wide`. Whether a program has any is a second literal, ``wide`` (0 or 1),
+compiled like the ISA and resolved when numba types the interpreter (:func:`_ran_wide`): a
+uint8 model runs an interpreter without any 16-bit code, as fast to compile and to run as
+before 16-bit tensors existed, and only a model with uint16 tensors compiles (and caches) the
+one that has it. A uint16 tensor lives in the same uint8 workspace, two bytes a value, viewed as
+uint16 rows. A dense layer from uint8 to uint16 runs the same tiles as the uint8 one (on either
+ISA) with a 16-bit epilogue; one from uint16 runs a plain loop of exact integer products. Those
+layers are exact-integer, not bit-identical to onnxruntime, which runs them in float32 with a
+summation order of its own (see :mod:`kernels.arithmetic`); their results still never depend on
+the ISA, the thread count or the batch, since exact integer sums have no order.
+
 Reference counts: numba increments and decrements the count of every array argument of every
 call, and of every view, with an atomic operation through a function call; the interpreter
 hands a dozen arrays down to every operation, which cost about 0.5 us of a 3 us batch-1 call.
@@ -43,6 +56,7 @@ from pathlib import Path
 import numba
 import numpy as np
 from numba import literally, njit, prange, types
+from numba.extending import overload
 
 from kernels import isa as kernel_isa
 from kernels import ops
@@ -57,14 +71,20 @@ from kernels.program import (
     F_CODE,
     F_DST,
     F_SRC,
+    GEMM16_FIELDS,
     GEMM_FIELDS,
     GEMM_SUM_ROWS,
     OP_CONV,
     OP_DEQUANTIZE,
+    OP_DEQUANTIZE16,
     OP_ELEMENTWISE,
     OP_GEMM,
+    OP_GEMM16,
+    OP_GEMM_TO16,
     OP_POOL,
     OP_QUANTIZE,
+    OP_QUANTIZE16,
+    OP_SQUARE16,
     POOL_FIELDS,
     POOL_GEOMETRY,
     QUANTIZE_FIELDS,
@@ -80,6 +100,7 @@ logger = logging.getLogger(__name__)
 WORKSPACE_BUDGET = 256 * 1024  # bytes of tensors per chunk: about half of this CPU's L2 per core
 PARALLEL_MIN_MACS = 2_000_000  # work per worker (~25 us on AVX2 tiles, ~5 on VNNI) below which a thread doesn't pay
 ONES = np.ones(16, np.int16)  # see kernels.simd: passed at run time so that LLVM cannot fold it
+WIDE = 1  # the ``wide`` literal of a program with 16-bit operations (0: none)
 _get_ident = threading.get_ident
 _FLOAT32 = np.dtype(np.float32)  # native byte order: other orders are refused, numba would misread them
 
@@ -95,6 +116,8 @@ D_FEATURES, D_ZP, D_SCALE, D_LAYOUT, D_C, D_CS = (_D[k] for k in DEQUANTIZE_FIEL
 E_FEATURES, E_ZX, E_ACT, E_AZ, E_AF = (_E[k] for k in ELEMENTWISE_FIELDS)
 _G = _columns(GEMM_FIELDS)
 G_KQ, G_N, G_NP, G_W, G_B, G_M, G_ZP, G_ACT, G_AZ, G_AF = (_G[k] for k in GEMM_FIELDS)
+_H = _columns(GEMM16_FIELDS)
+H_K, H_N, H_W, H_B, H_M, H_ZX, H_ZP, H_ACT, H_AZ, H_AF = (_H[k] for k in GEMM16_FIELDS)
 _C = _columns(CONV_FIELDS)
 C_FIRST, C_KQ, C_NP = _C["in_channels"], _C["k_groups"], _C["n_padded"]
 C_WEIGHTS, C_BIAS, C_MULT, C_GROUPS = _C["weights"], _C["bias"], _C["multiplier"], _C["group_offsets"]
@@ -111,11 +134,101 @@ def _tensor(workspace, scratch, offsets, strides, tensor, rows):
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def _run_chunk(code, weights, ints, floats, offsets, strides, scratch, x, out, row0, rows, ws8, ws32, wsf, ones, isa):
-    """Run every operation of ``code`` on rows ``row0 .. row0 + rows`` of ``x`` into ``out``."""
+def _tensor16(workspace, scratch, offsets, strides, tensor, rows):
+    """A uint16 tensor's rows: its bytes in the uint8 workspace (offsets are multiples of 4), viewed as uint16."""
+    start = scratch + rows * offsets[tensor]
+    return workspace[start : start + rows * strides[tensor]].view(np.uint16).reshape(rows, strides[tensor] // 2)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _run_wide(op, weights, ints, floats, offsets, strides, scratch, x, out, row0, rows, ws8, ws32, ones, isa):
+    """One operation that reads or writes a uint16 tensor (opcodes ``OP_QUANTIZE16`` and up)."""
+    kind = op[F_CODE]
+    if kind == OP_QUANTIZE16:
+        dst = _tensor16(ws8, scratch, offsets, strides, op[F_DST], rows)
+        ops.quantize16_rows(x[row0 : row0 + rows], dst, op[Q_FEATURES], floats[op[Q_SCALE]], op[Q_ZP])
+        return
+    if kind == OP_GEMM_TO16:  # uint8 input: the packed panels and tiles of OP_GEMM
+        src8 = _tensor(ws8, scratch, offsets, strides, op[F_SRC], rows)
+        dst = _tensor16(ws8, scratch, offsets, strides, op[F_DST], rows)
+        kq, n, n_padded, w, af = op[G_KQ], op[G_N], op[G_NP], op[G_W], op[G_AF]
+        panels = (n_padded + TILE_COLS - 1) // TILE_COLS
+        packed = weights[w : w + panels * kq * TILE_COLS * 4].reshape(panels, kq, TILE_COLS * 4)
+        sums = ws32[: GEMM_SUM_ROWS * n_padded].reshape(GEMM_SUM_ROWS, n_padded)
+        ops.gemm_rows_to16(
+            src8, dst, packed, kq, n, n_padded, ints[op[G_B] : op[G_B] + n], floats[op[G_M] : op[G_M] + n],
+            op[G_ZP], op[G_ACT], op[G_AZ], floats[af], floats[af + 1], sums, ones, isa,
+        )  # fmt: skip
+        return
+    src = _tensor16(ws8, scratch, offsets, strides, op[F_SRC], rows)
+    if kind == OP_DEQUANTIZE16:
+        ops.dequantize16_rows(src, out[row0 : row0 + rows], op[D_FEATURES], floats[op[D_SCALE]], op[D_ZP])
+    elif kind == OP_GEMM16:
+        k, n, w, af = op[H_K], op[H_N], op[H_W], op[H_AF]
+        matrix = weights[w : w + n * k].reshape(n, k)
+        bias, multiplier = ints[op[H_B] : op[H_B] + n], floats[op[H_M] : op[H_M] + n]
+        if op[F_DST] < 0:  # the last layer, writing float logits
+            ops.gemm16_rows_to_float(src, out[row0 : row0 + rows], matrix, bias, multiplier, op[H_ZX], ws32)
+        else:
+            dst = _tensor16(ws8, scratch, offsets, strides, op[F_DST], rows)
+            ops.gemm16_rows(
+                src, dst, matrix, bias, multiplier, op[H_ZX], op[H_ZP], op[H_ACT], op[H_AZ], floats[af],
+                floats[af + 1], ws32,
+            )  # fmt: skip
+    elif kind == OP_SQUARE16:
+        dst = _tensor16(ws8, scratch, offsets, strides, op[F_DST], rows)
+        af = op[E_AF]
+        ops.square16_rows(src, dst, op[E_FEATURES], op[E_ZX], op[E_AZ], floats[af], floats[af + 1])
+
+
+def _ran_wide(op, weights, ints, floats, offsets, strides, scratch, x, out, row0, rows, ws8, ws32, ones, wide, isa):
+    """Run ``op`` if it is a 16-bit operation and say whether it was (only ever called compiled)."""
+    raise NotImplementedError
+
+
+@overload(_ran_wide, prefer_literal=True, inline="always")
+def _ran_wide_typed(
+    op, weights, ints, floats, offsets, strides, scratch, x, out, row0, rows, ws8, ws32, ones, wide, isa
+):
+    """Chosen at typing time from the literal ``wide``: for a uint8 program, a constant False, so that
+    :func:`_run_wide` and its kernels are never even compiled into its interpreter (a branch on the
+    literal would still be typed, and compiled, before LLVM dropped it)."""
+    if not isinstance(wide, types.IntegerLiteral):
+        return None  # numba retries with the literal
+    if wide.literal_value != WIDE:
+
+        def uint8_only(
+            op, weights, ints, floats, offsets, strides, scratch, x, out, row0, rows, ws8, ws32, ones, wide, isa
+        ):
+            return False
+
+        return uint8_only
+
+    def run(op, weights, ints, floats, offsets, strides, scratch, x, out, row0, rows, ws8, ws32, ones, wide, isa):
+        if op[F_CODE] < OP_QUANTIZE16:
+            return False
+        _run_wide(op, weights, ints, floats, offsets, strides, scratch, x, out, row0, rows, ws8, ws32, ones, isa)
+        return True
+
+    return run
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _run_chunk(
+    code, weights, ints, floats, offsets, strides, scratch, x, out, row0, rows, ws8, ws32, wsf, ones, wide, isa
+):
+    """Run every operation of ``code`` on rows ``row0 .. row0 + rows`` of ``x`` into ``out``.
+
+    ``wide`` (a literal): whether ``code`` may hold 16-bit operations; if not, :func:`_ran_wide` is
+    the constant False and the loop is the uint8 interpreter alone.
+    """
     for i in range(code.shape[0]):
         op = code[i]
         kind = op[F_CODE]
+        if _ran_wide(
+            op, weights, ints, floats, offsets, strides, scratch, x, out, row0, rows, ws8, ws32, ones, wide, isa
+        ):
+            continue
         if kind == OP_QUANTIZE:
             dst = _tensor(ws8, scratch, offsets, strides, op[F_DST], rows)
             ops.quantize_rows(x[row0 : row0 + rows], dst, op[Q_FEATURES], floats[op[Q_SCALE]], op[Q_ZP])
@@ -174,32 +287,34 @@ def _run_chunk(code, weights, ints, floats, offsets, strides, scratch, x, out, r
 
 @njit(inline="always")
 def _run_rows(
-    code, weights, ints, floats, offsets, strides, scratch, x, out, begin, end, chunk, ws8, ws32, wsf, ones, isa
+    code, weights, ints, floats, offsets, strides, scratch, x, out, begin, end, chunk, ws8, ws32, wsf, ones, wide, isa
 ):
     for row0 in range(begin, end, chunk):
         rows = min(chunk, end - row0)
         _run_chunk(
-            code, weights, ints, floats, offsets, strides, scratch, x, out, row0, rows, ws8, ws32, wsf, ones, isa
-        )
+            code, weights, ints, floats, offsets, strides, scratch, x, out, row0, rows, ws8, ws32, wsf, ones, wide,
+            isa,
+        )  # fmt: skip
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def run_serial(code, weights, ints, floats, offsets, strides, scratch, x, out, chunk, ws8, ws32, wsf, ones, isa):
+def run_serial(code, weights, ints, floats, offsets, strides, scratch, x, out, chunk, ws8, ws32, wsf, ones, wide, isa):
     """The whole batch on the calling thread, one chunk at a time in workspace row 0.
 
-    ``isa`` is compiled as a literal (see the module docstring): called from Python with a plain
-    int, numba retypes the function on every call; :class:`NumbaModel` calls the entry point.
+    ``wide`` and ``isa`` are compiled as literals (see the module docstring): called from Python
+    with plain ints, numba retypes the function on every call; :class:`NumbaModel` calls the
+    entry point.
     """
     _run_rows(
         borrowed(code), borrowed(weights), borrowed(ints), borrowed(floats), borrowed(offsets), borrowed(strides),
         scratch, borrowed(x), borrowed(out), 0, x.shape[0], chunk, borrowed(ws8[0]), borrowed(ws32[0]),
-        borrowed(wsf[0]), borrowed(ones), literally(isa),
+        borrowed(wsf[0]), borrowed(ones), literally(wide), literally(isa),
     )  # fmt: skip
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
 def _run_claimed(
-    code, weights, ints, floats, offsets, strides, scratch, x, out, chunk, counter, ws8, ws32, wsf, ones, isa
+    code, weights, ints, floats, offsets, strides, scratch, x, out, chunk, counter, ws8, ws32, wsf, ones, wide, isa
 ):
     """Run chunks claimed one at a time from a shared atomic counter until none is left."""
     n = x.shape[0]
@@ -215,32 +330,33 @@ def _run_claimed(
         row0 = c * chunk
         rows = min(chunk, n - row0)
         _run_chunk(
-            code, weights, ints, floats, offsets, strides, scratch, x, out, row0, rows, ws8, ws32, wsf, ones, isa
-        )
+            code, weights, ints, floats, offsets, strides, scratch, x, out, row0, rows, ws8, ws32, wsf, ones, wide,
+            isa,
+        )  # fmt: skip
 
 
 @njit(cache=True, nogil=True, boundscheck=False, parallel=True)
 def run_parallel(
-    code, weights, ints, floats, offsets, strides, scratch, x, out, chunk, counter, ws8, ws32, wsf, ones, isa
+    code, weights, ints, floats, offsets, strides, scratch, x, out, chunk, counter, ws8, ws32, wsf, ones, wide, isa
 ):
     """One prange iteration per worker (each with its own workspace row); the workers claim chunks
     dynamically, so a worker the OS schedules late finds the work done instead of holding half of it."""
     for w in prange(ws8.shape[0]):
         _run_claimed(
             code, weights, ints, floats, offsets, strides, scratch, x, out, chunk, counter, ws8[w], ws32[w], wsf[w],
-            ones, literally(isa),
+            ones, literally(wide), literally(isa),
         )  # fmt: skip
 
 
 def _compiled_entry(dispatcher, args: tuple):
-    """The compiled wrapper of ``dispatcher``'s overload for ``args`` (whose last, the ISA code, was
-    compiled as a literal), or None if there is none.
+    """The compiled wrapper of ``dispatcher``'s overload for ``args`` (whose last two, the ``wide`` flag
+    and the ISA code, were compiled as literals), or None if there is none.
 
     Calling it skips numba's per-call type dispatch (about 0.6 us of a 5 us batch-1 call) and,
     with the ISA an int rather than a literal, a retyping on every call; safe here because every
     call passes the same argument types, which predict_logits guarantees.
     """
-    signature = (*(dispatcher.typeof_pyval(a) for a in args[:-1]), types.literal(args[-1]))
+    signature = (*(dispatcher.typeof_pyval(a) for a in args[:-2]), types.literal(args[-2]), types.literal(args[-1]))
     overload = dispatcher.overloads.get(signature)
     return overload.entry_point if overload is not None else None
 
@@ -277,6 +393,9 @@ class _Workspaces:
 
 class NumbaModel:
     """An int8 ONNX model compiled to the numba kernels, with onnxruntime's exact logits.
+
+    (For an A16W8 model, the exact-integer logits of :mod:`kernels.arithmetic`'s 16-bit rules,
+    within float32 rounding of onnxruntime's; :attr:`plan` ``.has_16_bit`` tells which.)
 
     Build it with :meth:`load` (a ``model.onnx`` path) or :meth:`from_onnx`; both compile the
     graph, check that every operator is supported and warm the kernels up.
@@ -316,6 +435,7 @@ class NumbaModel:
             )
         self.isa = kernel_isa.select(isa)
         self._isa_code = kernel_isa.NAMES[self.isa]
+        self._wide = WIDE if plan.has_16_bit else 0  # the interpreter with 16-bit operations, or without
         program = lower(plan)
         self.plan = plan
         self.program: Program = program
@@ -412,15 +532,16 @@ class NumbaModel:
         ws8, ws32, wsf, _, _ = self._workspaces.get(workers, self._scratch_u8 + chunk * self._bytes_per_sample)
         if workers == 1:
             if self._serial is not None:  # the compiled entry point (see _compiled_entry)
-                self._serial(*self._program_args, flat, out, chunk, ws8, ws32, wsf, ONES, self._isa_code)
+                self._serial(*self._program_args, flat, out, chunk, ws8, ws32, wsf, ONES, self._wide, self._isa_code)
                 return out
-            dispatcher, args = run_serial, (*self._program_args, flat, out, chunk, ws8, ws32, wsf, ONES, self._isa_code)
+            dispatcher = run_serial
+            args = (*self._program_args, flat, out, chunk, ws8, ws32, wsf, ONES, self._wide, self._isa_code)
         else:
             numba.set_num_threads(workers)
             counter = np.zeros(1, np.int64)
             args = (
                 *self._program_args, flat, out, chunk, counter, ws8[:workers], ws32[:workers], wsf[:workers], ONES,
-                self._isa_code,
+                self._wide, self._isa_code,
             )  # fmt: skip
             if self._parallel is not None:
                 self._parallel(*args)

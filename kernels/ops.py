@@ -1,8 +1,10 @@
 """The numba kernels: one function per operation, each over one chunk of samples.
 
 Every function here reproduces onnxruntime's arithmetic bit for bit (see
-:mod:`kernels.arithmetic` for what that arithmetic is and how it was established). Two rules
-keep the float32 steps identical to onnxruntime's:
+:mod:`kernels.arithmetic` for what that arithmetic is and how it was established), except the
+dense layers that read or write uint16 tensors (the last section), which compute the exact
+integer result where onnxruntime sums in float32. Two rules keep the float32 steps identical to
+onnxruntime's:
 
 * float32 stays float32: every constant is ``np.float32`` and integers reach float32 through
   ``np.int32`` (numba would otherwise widen to float64, and the AVX2 conversion from int64 does
@@ -479,3 +481,151 @@ def global_pool_rows(x, out, layout, channels, size, input_zero, multiplier, zer
                 total += np.int32(src[c * size + i] if layout == NCHW else src[i * channels + c])
             rounded = min(max(np.rint(np.float32(np.int32(total - input_zero * size)) * multiplier), low), high)
             dst[c] = np.uint8(rounded + zero)
+
+
+# ---- uint16 activations (A16W8) -----------------------------------------------------------
+#
+# onnxruntime runs every operation on a uint16 tensor in float32 (see kernels.arithmetic): the
+# elementwise ones below are its float formulas, bit for bit; the dense layers are exact integer
+# sums, scaled and rounded once like the 8-bit QGemm's. 16-bit tensors are always NCHW.
+
+
+@njit(**_JIT)
+def quantize16_rows(x, out, features, scale, zero_point):
+    """QuantizeLinear of float32 rows ``x[:, :features]`` into uint16 ``out`` (the uint8 formula, 65535 for 255)."""
+    low = np.float32(-zero_point)
+    high = np.float32(65535 - zero_point)
+    zero = np.float32(zero_point)
+    for r in range(x.shape[0]):
+        src = x[r]
+        dst = out[r]
+        for j in range(features):
+            v = src[j] / scale
+            v = v if v > low else low  # NaN takes ``low``, as maxps does
+            v = v if v < high else high
+            dst[j] = np.uint16(np.rint(v) + zero)
+
+
+@njit(**_JIT)
+def dequantize16_rows(q, out, n, scale, zero_point):
+    """DequantizeLinear of uint16 rows: ``float32(q - zp) * scale``."""
+    for r in range(q.shape[0]):
+        src = q[r]
+        dst = out[r]
+        for j in range(n):
+            dst[j] = np.float32(np.int32(np.int32(src[j]) - zero_point)) * scale
+
+
+@njit(inline="always")
+def _square16(r, scale, output_scale, low, high, zero):
+    """The float32 square of a uint16 value ``r = q - zp`` (an integer in float32): dequantize, ``d * d``,
+    QuantizeLinear to uint16.
+
+    ``y / output_scale`` is never NaN (``y`` is finite or +inf), so rounding before clamping (with
+    ``min``/``max``, which vectorize) gives QuantizeLinear's result.
+    """
+    d = r * scale
+    y = d * d
+    return np.uint16(min(max(np.rint(y / output_scale), low), high) + zero)
+
+
+@njit(**_JIT)
+def square16_rows(q, out, n, input_zero, act_zero, input_scale, output_scale):
+    """A standalone square from uint16 to uint16 (``DequantizeLinear -> Mul -> QuantizeLinear`` in float32)."""
+    low, high, zero = np.float32(-act_zero), np.float32(65535 - act_zero), np.float32(act_zero)
+    for r in range(q.shape[0]):
+        src = q[r]
+        dst = out[r]
+        for j in range(n):
+            value = np.float32(np.int32(np.int32(src[j]) - input_zero))
+            dst[j] = _square16(value, input_scale, output_scale, low, high, zero)
+
+
+@njit(inline="always")
+def _requantize16(sums, n, bias, multiplier, zero_point, act, act_zero, act_a, act_b, out):
+    """:func:`_requantize` to uint16: the same float32 scaling and rounding, clamped to [0, 65535]; a
+    fused square is the float32 square of the requantized value (``act_a``, ``act_b``: its input and
+    output scales), so that fused and standalone squares agree."""
+    low, high, zero = np.float32(-zero_point), np.float32(65535 - zero_point), np.float32(zero_point)
+    low2, high2, zero2 = np.float32(-act_zero), np.float32(65535 - act_zero), np.float32(act_zero)
+    if act == ACT_SQUARE:
+        for j in range(n):
+            value = _requantized(sums[j], bias[j], multiplier[j], low, high)
+            out[j] = _square16(value, act_a, act_b, low2, high2, zero2)
+    else:
+        for j in range(n):
+            out[j] = np.uint16(_requantized(sums[j], bias[j], multiplier[j], low, high) + zero)
+
+
+@njit(**_JIT)
+def gemm_rows_to16(
+    x, out, weights, k_groups, n, n_padded, bias, multiplier, zero_point, act, act_zero, act_a, act_b, sums, ones, isa
+):
+    """A dense layer from uint8 rows ``x`` to uint16 ``out``: the sums of :func:`gemm_rows` (same packed
+    panels and tiles), requantized to uint16 with an optional fused uint16 square.
+
+    The tiles' int32 sums of ``x * w`` plus the bias with the input zero point folded in are the
+    exact ``sum((x - zx) * w) + bias`` (int32 arithmetic wraps, and the compiler admits only layers
+    whose exact result fits int32).
+    """
+    rows = x.shape[0]
+    step = VNNI_ROWS if isa == VNNI else TILE_ROWS
+    for r0 in range(0, rows, step):
+        mr = min(step, rows - r0)
+        if isa == VNNI:
+            _vnni_products(x, r0, mr, weights, k_groups, n_padded, sums, 0)
+        else:
+            _tile_rows(x, r0, mr, weights, k_groups, n_padded, sums, 0, ones)
+        for i in range(mr):
+            _requantize16(sums[i], n, bias, multiplier, zero_point, act, act_zero, act_a, act_b, out[r0 + i])
+
+
+@njit(inline="always")
+def _exact_sum(centered, w, k, bias):
+    """``bias + sum(centered[:k] * w[:k])``, exact in int64 (the compiler checks that it fits int32)."""
+    acc = np.int64(bias)
+    for j in range(k):
+        acc += np.int64(centered[j]) * np.int64(w[j])
+    return acc
+
+
+@njit(inline="always")
+def _center16(src, input_zero, k, centered):
+    for j in range(k):
+        centered[j] = np.int32(src[j]) - input_zero
+
+
+@njit(**_JIT)
+def gemm16_rows(x, out, weights, bias, multiplier, input_zero, zero_point, act, act_zero, act_a, act_b, scratch):
+    """A dense layer from uint16 rows ``x`` to uint16 ``out``: exact integer sums of ``(x - zx) * w``
+    plus the bias, then :func:`_requantize16`'s scaling (and fused square).
+
+    ``weights`` int8 [n, k] row-major; ``scratch`` int32 of at least k (the centered input row).
+    A plain loop: such layers (e.g. an MLP's 128 -> 10) cost little next to the uint8 layer before them.
+    """
+    n, k = weights.shape
+    centered = scratch[:k]
+    low, high, zero = np.float32(-zero_point), np.float32(65535 - zero_point), np.float32(zero_point)
+    low2, high2, zero2 = np.float32(-act_zero), np.float32(65535 - act_zero), np.float32(act_zero)
+    for r in range(x.shape[0]):
+        _center16(x[r], input_zero, k, centered)
+        dst = out[r]
+        for c in range(n):
+            acc = np.int32(_exact_sum(centered, weights[c], k, bias[c]))
+            value = min(max(np.rint(np.float32(acc) * multiplier[c]), low), high)
+            if act == ACT_SQUARE:
+                dst[c] = _square16(value, act_a, act_b, low2, high2, zero2)
+            else:
+                dst[c] = np.uint16(value + zero)
+
+
+@njit(**_JIT)
+def gemm16_rows_to_float(x, out, weights, bias, multiplier, input_zero, scratch):
+    """A dense layer from uint16 rows to the float output: ``float32(exact sum + bias) * (x_scale * w_scale)``."""
+    n, k = weights.shape
+    centered = scratch[:k]
+    for r in range(x.shape[0]):
+        _center16(x[r], input_zero, k, centered)
+        dst = out[r]
+        for c in range(n):
+            dst[c] = np.float32(np.int32(_exact_sum(centered, weights[c], k, bias[c]))) * multiplier[c]

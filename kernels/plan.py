@@ -1,9 +1,15 @@
 """The execution plan: what :mod:`kernels.compiler` extracts from an int8 ONNX graph.
 
-A plan is a list of integer steps between uint8 tensors, each step the fused form that
+A plan is a list of integer steps between quantized tensors, each step the fused form that
 onnxruntime itself runs for the same QDQ pattern (``DQ -> Conv -> Q`` is one QLinearConv, and
-so on). Every tensor is uint8 with one per-tensor :class:`QuantParams`, stored per sample in
+so on). Every tensor has one per-tensor :class:`QuantParams` and is stored per sample in
 row-major (NCHW) order, so ``Flatten`` moves no data and exists only as a new tensor shape.
+
+Tensors are uint8, or uint16 (``params.bits == 16``) for the hidden activations of an A16W8
+model. A step that reads or writes a uint16 tensor is one of a few (a Gemm, a square, the
+graph's first QuantizeLinear and last DequantizeLinear): onnxruntime runs those in float32, and
+the kernels compute their float elementwise formulas bit for bit and their Gemms in exact
+integer arithmetic (see :mod:`kernels.arithmetic`). :attr:`Plan.has_16_bit` tells them apart.
 
 The plan holds plain numpy data and no numba objects: :mod:`kernels.reference` runs it with
 numpy, :mod:`kernels.program` lowers it to the flat arrays the numba interpreter reads.
@@ -23,7 +29,11 @@ OUTPUT = -2  # tensor id of the float graph output
 
 @dataclass(frozen=True)
 class Square:
-    """``x * x`` on the dequantized value, requantized to ``output`` (onnxruntime's QLinearMul)."""
+    """``x * x`` on the dequantized value, requantized to ``output``.
+
+    uint8 to uint8: onnxruntime's QLinearMul. uint16 to uint16: its float32 ``DequantizeLinear ->
+    Mul -> QuantizeLinear``. (The compiler refuses a square between a uint8 and a uint16 tensor.)
+    """
 
     output: QuantParams
 
@@ -40,7 +50,7 @@ Activation = Square | Relu
 
 @dataclass(frozen=True)
 class Tensor:
-    """A uint8 tensor: the shape of one sample and its quantization."""
+    """A uint8 or uint16 tensor (``params.bits``): the shape of one sample and its quantization."""
 
     shape: tuple[int, ...]
     params: QuantParams
@@ -49,10 +59,14 @@ class Tensor:
     def size(self) -> int:
         return int(np.prod(self.shape))
 
+    @property
+    def bits(self) -> int:
+        return self.params.bits
+
 
 @dataclass(frozen=True)
 class Quantize:
-    """QuantizeLinear of the float graph input."""
+    """QuantizeLinear of the float graph input (to uint8, or uint16 as ``params.bits`` says)."""
 
     name: str
     source: int
@@ -82,6 +96,9 @@ class Gemm:
 
     With ``output=None`` the layer writes the float graph output itself (``target == OUTPUT``):
     onnxruntime's QGemm with a float output scales the int32 sums straight to float32 logits.
+
+    With a uint16 input or output, the same integer sums and scaling, exact where onnxruntime
+    runs a float32 Gemm (see :mod:`kernels.arithmetic`).
     """
 
     name: str
@@ -96,7 +113,7 @@ class Gemm:
 
 @dataclass(frozen=True)
 class Elementwise:
-    """A standalone activation on a uint8 tensor (when no Conv/Gemm precedes it to fuse into)."""
+    """A standalone activation on a quantized tensor (when no Conv/Gemm precedes it to fuse into)."""
 
     name: str
     source: int
@@ -119,7 +136,7 @@ class AvgPool:
 
 @dataclass(frozen=True)
 class Dequantize:
-    """DequantizeLinear of the last uint8 tensor into the float graph output."""
+    """DequantizeLinear of the last tensor (uint8 or uint16) into the float graph output."""
 
     name: str
     source: int
@@ -141,6 +158,12 @@ class Plan:
     output_name: str
     tensors: tuple[Tensor, ...]
     steps: tuple[Step, ...]
+
+    @property
+    def has_16_bit(self) -> bool:
+        """Whether any tensor is uint16: then the 16-bit layers are exact-integer rather than
+        bit-identical to onnxruntime's float32 path (an all-uint8 plan is bit-identical)."""
+        return any(tensor.bits == 16 for tensor in self.tensors)
 
     @property
     def num_outputs(self) -> int:
@@ -168,5 +191,6 @@ class Plan:
             activation = getattr(step, "activation", None)
             suffix = f" + {type(activation).__name__.lower()}" if activation is not None else ""
             shape = self.tensors[step.target].shape if step.target >= 0 else (self.num_outputs,)
-            lines.append(f"{kind.lower()}{suffix} ({step.name}) -> {list(shape)}")
+            wide = " uint16" if step.target >= 0 and self.tensors[step.target].bits == 16 else ""
+            lines.append(f"{kind.lower()}{suffix} ({step.name}) -> {list(shape)}{wide}")
         return lines

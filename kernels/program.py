@@ -25,6 +25,15 @@ stride rounded up to four bytes. Lowering also checks the precondition of the ex
 ``vpmaddubsw`` arithmetic: adjacent packed weights satisfy ``|w0| + |w1| <= 128``. The VNNI
 tiles (``vpdpbusd``, no int16 step) would be exact without it, but keep it: whether a model
 runs on the kernels must not depend on the CPU, and it is what makes both paths equal.
+
+uint16 tensors (A16W8 models) take two bytes per value in the same workspace (the interpreter
+views their rows as uint16; every offset is a multiple of four, so the view is aligned) and are
+always NCHW: only dense layers and squares read or write one. Their operations have opcodes of
+their own, so that the rows of the uint8 ones keep their meaning and their kernels:
+``OP_QUANTIZE16`` and ``OP_DEQUANTIZE16`` (the graph's input and output), ``OP_GEMM_TO16`` (a
+uint8 input through the same packed panels and tiles as ``OP_GEMM``, requantized to uint16),
+``OP_GEMM16`` (a uint16 input: int8 weights unpacked, ``[n, k]`` row-major, for a plain loop;
+uint16 or float output) and ``OP_SQUARE16``.
 """
 
 from __future__ import annotations
@@ -38,8 +47,9 @@ from kernels.errors import UnsupportedModelError
 from kernels.plan import INPUT, Activation, AvgPool, Conv, Dequantize, Elementwise, Gemm, Plan, Quantize, Relu, Square
 from kernels.simd import COLUMN_ALIGN, K_GROUP, TILE_COLS, TILE_ROWS, VNNI_ROWS
 
-# opcodes
+# opcodes: uint8 operations, then those that read or write a uint16 tensor (OP_QUANTIZE16 and up)
 OP_QUANTIZE, OP_GEMM, OP_CONV, OP_POOL, OP_ELEMENTWISE, OP_DEQUANTIZE = range(6)
+OP_QUANTIZE16, OP_DEQUANTIZE16, OP_GEMM_TO16, OP_GEMM16, OP_SQUARE16 = range(6, 11)
 # activation codes
 ACT_NONE, ACT_SQUARE, ACT_RELU = range(3)
 # tensor layouts
@@ -69,6 +79,8 @@ GEMM_FIELDS = (
     "act_zero",
     "act_floats",
 )
+# OP_GEMM16: uint16 input; ``zero_point`` of the output (unused for a float output, ``dst < 0``)
+GEMM16_FIELDS = ("k", "n", "weights", "bias", "multiplier", "input_zero", "zero_point", "act", "act_zero", "act_floats")
 # conv_rows reads the first 16 as its ``geometry`` array, in this order
 CONV_FIELDS = (
     "in_channels", "height", "width", "out_channels", "stride_h", "stride_w", "out_h", "out_w",
@@ -187,10 +199,16 @@ def _folded_bias(bias: np.ndarray, weight_rows: np.ndarray, input_zero_point: in
 
 
 def _activation(buffers: _Buffers, activation: Activation | None, source_scale: float) -> tuple[int, int, int]:
-    """(code, output zero point, float offset) of an activation applied to values at ``source_scale``."""
+    """(code, output zero point, float offset) of an activation applied to values at ``source_scale``.
+
+    The floats: QLinearMul's ratio for a uint8 square; the input and output scales for a uint16
+    square (the float32 formula) and for a ReLU.
+    """
     match activation:
         case None:
             return ACT_NONE, 0, 0
+        case Square(output=out) if out.bits == 16:
+            return ACT_SQUARE, out.zero_point, buffers.float([source_scale, out.scale])
         case Square(output=out):
             return ACT_SQUARE, out.zero_point, buffers.float(square_ratio(source_scale, out.scale))
         case Relu(output=out):
@@ -206,11 +224,12 @@ def _row(code: int, step, names: tuple[str, ...], values: dict) -> np.ndarray:
 
 
 def _physical_size(tensor, layout: int) -> int:
-    """Bytes of one sample: channels-last tensors pad their channels to a multiple of 8."""
+    """Bytes of one sample: channels-last tensors pad their channels to a multiple of 8; uint16 ones
+    take two bytes a value."""
     if layout == NHWC:
         channels, height, width = tensor.shape
         return height * width * _round_up(channels, COLUMN_ALIGN)
-    return tensor.size
+    return tensor.size * (tensor.bits // 8)
 
 
 def lower(plan: Plan) -> Program:
@@ -228,10 +247,16 @@ def lower(plan: Plan) -> Program:
         match step:
             case Quantize(params=params):
                 values = dict(features=int(np.prod(plan.input_shape)), zero_point=params.zero_point)
-                rows.append(_row(OP_QUANTIZE, step, QUANTIZE_FIELDS, values | {"scale": buffers.float(params.scale)}))
+                code = OP_QUANTIZE16 if params.bits == 16 else OP_QUANTIZE
+                rows.append(_row(code, step, QUANTIZE_FIELDS, values | {"scale": buffers.float(params.scale)}))
+            case Gemm() if source.bits == 16:
+                values = _lower_gemm16(buffers, step, source)
+                rows.append(_row(OP_GEMM16, step, GEMM16_FIELDS, values))
+                scratch["i32"] = max(scratch["i32"], values["k"])
             case Gemm():
                 values = _lower_gemm(buffers, step, source, layouts[step.source])
-                rows.append(_row(OP_GEMM, step, GEMM_FIELDS, values))
+                wide = step.output is not None and step.output.bits == 16
+                rows.append(_row(OP_GEMM_TO16 if wide else OP_GEMM, step, GEMM_FIELDS, values))
                 scratch["i32"] = max(scratch["i32"], GEMM_SUM_ROWS * values["n_padded"])
             case Conv():
                 values, u8, i32 = _lower_conv(buffers, step, source, plan.tensors[step.target], layouts[step.source])
@@ -245,15 +270,26 @@ def lower(plan: Plan) -> Program:
                 scratch["f32"] = max(scratch["f32"], values["channels"])
             case Elementwise(activation=activation):
                 code, zero, floats = _activation(buffers, activation, source.params.scale)
+                wide = source.bits == 16  # a uint16 square (the compiler admits nothing else on uint16)
                 values = dict(
-                    features=_physical_size(source, layouts[step.source]),
+                    features=source.size if wide else _physical_size(source, layouts[step.source]),
                     input_zero=source.params.zero_point,
                     act=code,
                     act_zero=zero,
                     act_floats=floats,
                 )
-                rows.append(_row(OP_ELEMENTWISE, step, ELEMENTWISE_FIELDS, values))
+                rows.append(_row(OP_SQUARE16 if wide else OP_ELEMENTWISE, step, ELEMENTWISE_FIELDS, values))
                 layouts[step.target] = layouts[step.source]
+            case Dequantize() if source.bits == 16:  # always NCHW
+                values = dict(
+                    features=source.size,
+                    zero_point=source.params.zero_point,
+                    scale=buffers.float(source.params.scale),
+                    layout=NCHW,
+                    channels=1,
+                    channel_stride=1,
+                )
+                rows.append(_row(OP_DEQUANTIZE16, step, DEQUANTIZE_FIELDS, values))
             case Dequantize():
                 layout = layouts[step.source]
                 values = dict(
@@ -307,6 +343,31 @@ def _lower_gemm(buffers: _Buffers, step: Gemm, source, layout: int) -> dict:
         bias=buffers.int(_folded_bias(step.bias, weight, source.params.zero_point, step.name)),
         multiplier=buffers.float(multiplier),
         zero_point=step.output.zero_point if step.output is not None else 0,
+        act=code,
+        act_zero=zero,
+        act_floats=floats,
+    )
+
+
+def _lower_gemm16(buffers: _Buffers, step: Gemm, source) -> dict:
+    """A uint16-input dense layer: unpacked int8 weights [n, k], the bias as is (no zero point folded
+    in: the loop subtracts it from the input, so every partial sum stays within the compiler's int32
+    bound), and the 8-bit QGemm's multipliers."""
+    if step.output is None:
+        multiplier = (np.float32(source.params.scale) * np.asarray(step.weight_scale, np.float32)).astype(np.float32)
+        zero_point, (code, zero, floats) = 0, (ACT_NONE, 0, 0)
+    else:
+        multiplier = requant_multiplier(source.params.scale, step.weight_scale, step.output.scale)
+        zero_point = step.output.zero_point
+        code, zero, floats = _activation(buffers, step.activation, step.output.scale)
+    return dict(
+        k=step.weight.shape[1],
+        n=step.weight.shape[0],
+        weights=buffers.weight(step.weight),
+        bias=buffers.int(step.bias),
+        multiplier=buffers.float(multiplier),
+        input_zero=source.params.zero_point,
+        zero_point=zero_point,
         act=code,
         act_zero=zero,
         act_floats=floats,

@@ -5,9 +5,15 @@ no packing, no layouts (every tensor stays NCHW), no tiles, integer products in 
 sums written out element by element. The tests hold the kernels to this reference bit for bit
 (random shapes, extreme values), and this reference to onnxruntime on single-operator graphs.
 Slow by design; meant for tests and debugging, not serving.
+
+uint16 tensors follow the 16-bit rules of :mod:`kernels.arithmetic`: the float32 square, and
+Gemms from the exact int64 sums (which the compiler guarantees fit int32), scaled as the 8-bit
+QGemm scales them. :func:`trace` also returns every intermediate tensor, for error analysis.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -19,6 +25,8 @@ def _activate(q: np.ndarray, source_scale: float, source_zero: int, activation) 
     match activation:
         case None:
             return q
+        case Square(output=out) if out.bits == 16:  # from uint16 (the compiler admits no mixture)
+            return arithmetic.float_square(q, source_scale, source_zero, out.scale, out.zero_point, out.bits)
         case Square(output=out):
             ratio = arithmetic.square_ratio(source_scale, out.scale)
             return arithmetic.square(q, source_zero, ratio, out.zero_point)
@@ -76,31 +84,56 @@ def average_pool(q: np.ndarray, step: AvgPool, source, target) -> np.ndarray:
 
 def run(plan: Plan, x: np.ndarray) -> np.ndarray:
     """Float32 logits of ``plan`` for float32 inputs ``[batch, *input_shape]``."""
+    return _run(plan, x)[0]
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A run of a plan with its intermediate values (codes, ``[batch, *shape]``)."""
+
+    logits: np.ndarray
+    tensors: dict[int, np.ndarray]  # by tensor id
+    before_activation: dict[int, np.ndarray]  # by step index: a Conv/Gemm's output before its fused activation
+
+
+def trace(plan: Plan, x: np.ndarray) -> Trace:
+    """Like :func:`run`, also keeping every intermediate tensor."""
+    before: dict[int, np.ndarray] = {}
+    logits, tensors = _run(plan, x, before)
+    batch = x.shape[0]
+    return Trace(logits, {i: q.reshape(batch, *plan.tensors[i].shape) for i, q in tensors.items()}, before)
+
+
+def _run(plan: Plan, x: np.ndarray, before: dict[int, np.ndarray] | None = None) -> tuple[np.ndarray, dict]:
     batch = x.shape[0]
     tensors: dict[int, np.ndarray] = {}
-    for step in plan.steps:
+    before = {} if before is None else before
+    for index, step in enumerate(plan.steps):
         if isinstance(step, Quantize):
-            tensors[step.target] = arithmetic.quantize(x, step.params.scale, step.params.zero_point)
+            tensors[step.target] = arithmetic.quantize(x, step.params.scale, step.params.zero_point, step.params.bits)
             continue
         source = plan.tensors[step.source]
         q = tensors[step.source].reshape(batch, *source.shape)
         match step:
             case Dequantize():
-                return arithmetic.dequantize(q.reshape(batch, -1), source.params.scale, source.params.zero_point)
+                logits = arithmetic.dequantize(q.reshape(batch, -1), source.params.scale, source.params.zero_point)
+                return logits, tensors
             case Conv():
                 acc = conv_accumulate(q, source.params.zero_point, step.weight, step.strides, step.pads)
                 acc = acc + step.bias.astype(np.int64)[None, :, None, None]
                 multiplier = arithmetic.requant_multiplier(source.params.scale, step.weight_scale, step.output.scale)
                 y = arithmetic.requantize(acc, multiplier[None, :, None, None], step.output.zero_point)
+                before[index] = y
                 tensors[step.target] = _activate(y, step.output.scale, step.output.zero_point, step.activation)
             case Gemm():
                 rows = q.reshape(batch, -1).astype(np.int64) - source.params.zero_point
                 acc = rows @ step.weight.astype(np.int64).T + step.bias.astype(np.int64)
                 if step.output is None:  # float logits: QGemm's float output
                     scale = (np.float32(source.params.scale) * step.weight_scale.astype(np.float32)).astype(np.float32)
-                    return (acc.astype(np.int32).astype(np.float32) * scale).astype(np.float32)
+                    return (acc.astype(np.int32).astype(np.float32) * scale).astype(np.float32), tensors
                 multiplier = arithmetic.requant_multiplier(source.params.scale, step.weight_scale, step.output.scale)
-                y = arithmetic.requantize(acc, multiplier[None, :], step.output.zero_point)
+                y = arithmetic.requantize(acc, multiplier[None, :], step.output.zero_point, step.output.bits)
+                before[index] = y
                 tensors[step.target] = _activate(y, step.output.scale, step.output.zero_point, step.activation)
             case Elementwise():
                 tensors[step.target] = _activate(q, source.params.scale, source.params.zero_point, step.activation)

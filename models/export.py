@@ -6,6 +6,10 @@ layers travels as ``QuantizeLinear -> DequantizeLinear``, weights are int8 initi
 per-channel ``DequantizeLinear`` and biases are int32 initializers. onnxruntime fuses these
 patterns into its integer kernels (QLinearConv, QGemm, QLinearMul, ...). The last layer has no
 output QuantizeLinear: it produces the float logits (onnxruntime's QGemm with a float output).
+
+Hidden activations are uint8, or uint16 for an A16W8 network (see :mod:`models.quantization`);
+16-bit QuantizeLinear needs opset 21, so only such a network is written at that opset, and every
+uint8 model keeps the file it always had.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from models.layers import AvgPool, Conv, Dense, Flatten, Square
 from models.quantization import QuantizedLayer, QuantizedNetwork, QuantParams
 
 OPSET = 17
+OPSET_16_BIT = 21  # the first opset whose QuantizeLinear has uint16 outputs
 PRODUCER = "hegate"
 
 
@@ -38,7 +43,7 @@ class _GraphBuilder:
 
     def quantize(self, tensor: str, params: QuantParams, prefix: str) -> _Quantized:
         scale = self.constant(f"{prefix}.scale", np.array(params.scale, np.float32))
-        zero = self.constant(f"{prefix}.zero_point", np.array(params.zero_point, np.uint8))
+        zero = self.constant(f"{prefix}.zero_point", np.array(params.zero_point, params.dtype))
         return _Quantized(self.node("QuantizeLinear", [tensor, scale, zero], f"{prefix}.q"), scale, zero)
 
     def dequantize(self, x: _Quantized, output: str) -> str:
@@ -57,7 +62,7 @@ class _GraphBuilder:
 
 @dataclass(frozen=True)
 class _Quantized:
-    """A uint8 tensor in the graph with the names of its scale and zero-point initializers."""
+    """A quantized tensor in the graph with the names of its scale and zero-point initializers."""
 
     tensor: str
     scale: str
@@ -94,7 +99,7 @@ def build_onnx(
     for index, ql in enumerate(network.layers):
         name = f"layer{index}"
         if isinstance(ql.layer, Flatten):
-            # Flatten the uint8 tensor, so that a DequantizeLinear feeds the next GEMM directly.
+            # Flatten the quantized tensor, so that a DequantizeLinear feeds the next GEMM directly.
             x_q = _Quantized(builder.node("Flatten", [x_q.tensor], f"{name}.q", axis=1), x_q.scale, x_q.zero_point)
             continue
         x = builder.dequantize(x_q, f"{name}.in")
@@ -117,9 +122,11 @@ def build_onnx(
         [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["batch", num_outputs])],
         builder.initializers,
     )
+    wide = any(ql.output is not None and ql.output.bits == 16 for ql in network.layers)
+    opset, ir_version = (OPSET_16_BIT, 10) if wide else (OPSET, 8)
     model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name=PRODUCER, doc_string=doc
+        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name=PRODUCER, doc_string=doc
     )
-    model.ir_version = 8
+    model.ir_version = ir_version
     onnx.checker.check_model(model, full_check=True)
     return model

@@ -13,7 +13,7 @@ import numpy as np
 
 from models.extras import require_train_extra
 from models.layers import AvgPool, Conv, Dense, Flatten, Square
-from models.quantization import UINT8_MAX, QuantizedNetwork, QuantParams
+from models.quantization import QuantizedNetwork, QuantParams
 
 torch = require_train_extra("torch")
 F = torch.nn.functional
@@ -21,7 +21,7 @@ F = torch.nn.functional
 
 def _fake_quantize(x, params: QuantParams):
     scale = torch.tensor(params.scale, dtype=torch.float32)
-    q = torch.clamp(torch.round(x / scale) + params.zero_point, 0, UINT8_MAX)
+    q = torch.clamp(torch.round(x / scale) + params.zero_point, 0, params.qmax)
     return (q - params.zero_point) * scale
 
 

@@ -99,12 +99,18 @@ class DPRecord(_Record):
         return math.isfinite(self.target_epsilon)
 
 
+UINT8_ACTIVATIONS = "uint8, per-tensor, asymmetric"
+A16W8_ACTIVATIONS = "input uint8, hidden uint16 (A16W8), per-tensor, asymmetric"
+
+
 class QuantizationRecord(_Record):
     scheme: Literal["static-qdq"] = "static-qdq"
     weights: Literal["int8, per-output-channel, symmetric, 7-bit range [-63, 63]"] = (
         "int8, per-output-channel, symmetric, 7-bit range [-63, 63]"
     )
-    activations: Literal["uint8, per-tensor, asymmetric"] = "uint8, per-tensor, asymmetric"
+    activations: Literal[
+        "uint8, per-tensor, asymmetric", "input uint8, hidden uint16 (A16W8), per-tensor, asymmetric"
+    ] = UINT8_ACTIVATIONS
     bias: Literal["int32, scale = input scale x weight scale"] = "int32, scale = input scale x weight scale"
     calibration_method: Literal["minmax"] = "minmax"
     calibration_split: str = Field(description="which data calibrated the activation ranges")

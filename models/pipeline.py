@@ -17,6 +17,8 @@ from models.export import build_onnx
 from models.layers import describe
 from models.machine import machine_description
 from models.manifest import (
+    A16W8_ACTIVATIONS,
+    UINT8_ACTIVATIONS,
     InputSpec,
     Metrics,
     OutputSpec,
@@ -61,7 +63,8 @@ def export_trained(
 
     public_x = dataset.normalize(dataset.public.x)
     layers = architectures.to_layers(trained.module)
-    network = quantize_network(layers, architectures.activation_ranges(trained.module, public_x))
+    ranges = architectures.activation_ranges(trained.module, public_x)
+    network = quantize_network(layers, ranges, activation_bits=recipe.activation_bits)
     records = [describe(layer) for layer in layers]
     model = build_onnx(
         network,
@@ -91,7 +94,9 @@ def export_trained(
         multiplicative_depth=sum(r.levels for r in records),
         dp=trained.dp,
         quantization=QuantizationRecord(
-            calibration_split=f"{dataset.name} public split", calibration_size=len(public_x)
+            activations=A16W8_ACTIVATIONS if recipe.activation_bits == 16 else UINT8_ACTIVATIONS,
+            calibration_split=f"{dataset.name} public split",
+            calibration_size=len(public_x),
         ),
         metrics=Metrics(
             fp32_accuracy=fp32_accuracy(trained.module, dataset), int8_accuracy=int8_accuracy, test_size=len(test_x)

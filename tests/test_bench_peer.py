@@ -175,6 +175,24 @@ def _window(ok: int, seconds: float, latency: float, errors: int = 0) -> tuple[L
     return result, cpu
 
 
+def _report(levels: list[dict], targets: list[dict]) -> dict:
+    """A run's result as :func:`bench.peer.run` assembles it, around hand-made levels."""
+    return {
+        "command": "python -m bench.peer",
+        "date": "today",
+        "machine": "here",
+        "load_average_at_start": [0.0],
+        "quick": True,
+        "model": peer.MODEL,
+        "generators": 1,
+        "durations": {"rounds": 1, "window_seconds": 1.0, "warmup_seconds": 0.1},
+        "mlserver": {"version": "mlserver 1.7.1", "config": peer.MLServerConfig().model_dump()},
+        "agreement": {"requests": 16, "output": "logits", "datatype": "FP32", "max_abs_logit_difference": 0.0},
+        "levels": levels,
+        "targets": targets,
+    }
+
+
 def test_windows_pool_into_one_row_with_errors_by_status():
     row = peer.pooled([_window(100, 1.0, 0.001), _window(300, 1.0, 0.003, errors=2)])
     assert row["ok"] == 400 and row["requests"] == 402 and row["errors"] == {"UNAVAILABLE": 2}
@@ -195,24 +213,40 @@ def test_targets_are_checked_at_every_level_and_reported():
         ("p50_ratio", 32, False),
     ]
     row = {name: peer.pooled([_window(100, 1.0, 0.001)]) for name in ("hegate", "mlserver")}
-    result = {
-        "command": "python -m bench.peer",
-        "date": "today",
-        "machine": "here",
-        "load_average_at_start": [0.0],
-        "quick": True,
-        "model": peer.MODEL,
-        "generators": 1,
-        "durations": {"rounds": 1, "window_seconds": 1.0, "warmup_seconds": 0.1},
-        "mlserver": {"version": "mlserver 1.7.1", "config": peer.MLServerConfig().model_dump()},
-        "agreement": {"requests": 16, "output": "logits", "datatype": "FP32", "max_abs_logit_difference": 0.0},
-        "levels": [{"in_flight": 1, **row}],
-        "targets": checks,
-    }
-    text = peer.markdown(result)
+    text = peer.markdown(_report([{"in_flight": 1, **row}], checks))
     assert "| 1 | mlserver | 100 | 100 | 1.0 ms |" in text and "| throughput_ratio | 32 | 1.5 | >= 2.0 | NO |" in text
 
 
 def test_the_cli_offers_the_command():
     args = build_parser().parse_args(["bench", "peer", "--quick", "--concurrency", "1", "8"])
     assert args.handler is peer.run and args.concurrency == [1, 8] and args.quick and args.mlserver_workers == 0
+
+
+def test_the_floor_answers_every_call_with_its_fixed_bytes_and_is_stopped(tmp_path):
+    import grpc
+
+    from bench.floor import FloorProcess
+
+    response = oip.ModelInferResponse(model_name="m", id="fixed").SerializeToString()
+    (port,) = peer.free_ports(1)
+    with FloorProcess(port, response, tmp_path) as floor:
+        with grpc.insecure_channel(floor.target) as channel:
+            call = channel.unary_unary(peer.PLAINTEXT_METHOD)
+            assert [call(request, timeout=10) for request in (b"", b"\x00garbage")] == [response, response]
+        main, whole, children = floor.cpu_seconds()
+        assert 0 <= main <= whole and children == 0.0
+    assert floor.process.poll() is not None
+
+
+def test_a_level_reports_hegate_and_the_floor_over_mlserver():
+    rows = {
+        "hegate": peer.pooled([_window(300, 1.0, 0.002)]),
+        "mlserver": peer.pooled([_window(100, 1.0, 0.004)]),
+        "floor": peer.pooled([_window(400, 1.0, 0.001)]),
+    }
+    assert peer._ratios(rows, "hegate") == {"throughput_ratio": 3.0, "p50_ratio": 0.5}
+    assert peer._ratios(rows, "floor", prefix="floor_") == {"floor_throughput_ratio": 4.0, "floor_p50_ratio": 0.25}
+    assert peer._ratios({"mlserver": rows["mlserver"]}, "floor", prefix="floor_") == {}
+    level = {"in_flight": 1, **rows, **peer._ratios(rows, "hegate"), **peer._ratios(rows, "floor", prefix="floor_")}
+    text = peer.markdown(_report([level], []))
+    assert "| 1 | floor | 400 |" in text and "| 1 | 4.0 | 0.25 | 0.75 | 2.00 |" in text

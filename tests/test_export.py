@@ -51,3 +51,31 @@ def test_graph_is_int8_qdq_with_per_channel_weights(exported_cnn):
     assert weights and all(w.data_type == onnx.TensorProto.INT8 for w in weights.values())
     weight_scales = [i for i in model.graph.initializer if i.name.endswith("weight.scale")]
     assert all(len(s.dims) == 1 and s.dims[0] > 1 for s in weight_scales)
+
+
+def test_an_a16w8_mlp_has_uint16_hidden_activations_at_opset_21(trained_repo):
+    """The digits MLP's recipe asks for 16-bit hidden activations; its input stays on the uint8 grid."""
+    model = onnx.load(str(trained_repo / "digits-mlp-eps3" / "1" / "model.onnx"))
+    assert model.opset_import[0].version == 21
+    zero_points = {i.name: i.data_type for i in model.graph.initializer if i.name.endswith("zero_point")}
+    assert zero_points["input.zero_point"] == onnx.TensorProto.UINT8
+    assert zero_points["layer1.zero_point"] == zero_points["layer2.zero_point"] == onnx.TensorProto.UINT16
+    cnn = onnx.load(str(trained_repo / "digits-cnn-eps3" / "1" / "model.onnx"))
+    assert cnn.opset_import[0].version == 17
+    assert all(i.data_type != onnx.TensorProto.UINT16 for i in cnn.graph.initializer)
+
+
+def test_onnxruntime_gives_the_a16w8_mlp_the_exact_networks_classes(trained_repo, digits):
+    """With 16-bit hidden activations onnxruntime's rounding changes no class of the exact network
+    (the int8 model without intermediate rounding, what the CKKS engine evaluates)."""
+    from gateway.he.graph import lower
+    from models.recipes import recipe_from_manifest
+    from models.repository import load_artifact
+
+    artifact = load_artifact(trained_repo / "digits-mlp-eps3" / "1")
+    assert recipe_from_manifest(artifact.manifest).activation_bits == 16
+    assert "uint16" in artifact.manifest.quantization.activations
+    x = digits.normalize(digits.test.x)
+    ort_logits = onnx_runtime.predict_logits(onnx_runtime.create_session(artifact.onnx_path), x)
+    np.testing.assert_array_equal(ort_logits.argmax(1), lower(artifact.onnx_path).evaluate(x).argmax(1))
+    assert abs(artifact.manifest.metrics.int8_accuracy - artifact.manifest.metrics.fp32_accuracy) <= 0.01

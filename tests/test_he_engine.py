@@ -39,10 +39,8 @@ def test_encrypted_logits_are_within_the_stated_bound_and_agree_with_onnxruntime
     the sample with a smaller margin is encrypted and checked too. Together: the encrypted
     class on the whole fixed sample.
 
-    Against onnxruntime: at least 99.9% agreement, or, for a model whose own uint8 rounding of
-    intermediate activations already changes more classes than that (the MLPs: their hidden
-    and squared activations are rounded to 1/255 of a heavy-tailed range), no disagreement
-    beyond that rounding's.
+    Against onnxruntime: at least 99.9% agreement (the MLPs reach it through their 16-bit hidden
+    activations; with uint8 ones, onnxruntime's own rounding changed up to 0.7% of classes).
     """
     artifact = REPOSITORY.get(name)
     model = EncryptedModel(artifact.onnx_path)
@@ -63,9 +61,8 @@ def test_encrypted_logits_are_within_the_stated_bound_and_agree_with_onnxruntime
     predicted = exact.argmax(1)
     predicted[checked] = encrypted.argmax(1)
     assert np.mean(predicted == exact.argmax(1)) >= 0.999
-    rounding_allows = float(np.mean(exact.argmax(1) == reference))
     agreement = float(np.mean(predicted == reference))
-    assert agreement >= min(0.999, rounding_allows), f"{name}: {agreement:.2%} agree with onnxruntime"
+    assert agreement >= 0.999, f"{name}: {agreement:.2%} agree with onnxruntime"
 
 
 @pytest.mark.parametrize("name", ["breast-cancer-linear-eps3", "mnist-cnn-eps3"])
@@ -238,6 +235,22 @@ def test_unsupported_operator_is_refused_at_load_naming_the_node(tmp_path):
     onnx.save(model, str(path))
     with pytest.raises(UnsupportedOperatorError, match=rf"operator Relu \(node '{square.name}'\)"):
         EncryptedModel(path)
+
+
+def test_uint16_hidden_activations_lower_to_the_identity_but_a_uint16_input_is_refused(tmp_path):
+    """The MLPs' 16-bit hidden QDQ pairs vanish like uint8 ones; the input grid is the client's
+    and the spec describes a uint8 one, so a model quantizing its input to 16 bits is refused."""
+    path = REPOSITORY.get("mnist-mlp-eps3").onnx_path
+    model = onnx.load(str(path))
+    hidden = {i.name: i.data_type for i in model.graph.initializer if i.name == "layer1.zero_point"}
+    assert hidden == {"layer1.zero_point": onnx.TensorProto.UINT16}
+    assert [type(stage).__name__ for stage in lower(path).stages] == ["Affine", "Square", "Affine"]
+    zero = next(i for i in model.graph.initializer if i.name == "input.zero_point")
+    zero.CopyFrom(onnx.numpy_helper.from_array(np.array(0, np.uint16), zero.name))
+    wide = tmp_path / "wide-input.onnx"
+    onnx.save(model, str(wide))
+    with pytest.raises(UnsupportedOperatorError, match="network input must be uint8, not uint16"):
+        EncryptedModel(wide)
 
 
 def test_client_refuses_wrong_shape_dtype_and_too_many_inputs(breast_cancer):

@@ -200,3 +200,116 @@ def test_threads_start_only_when_every_worker_gets_enough_work():
     workers, chunk = model.schedule(4096)
     assert workers == 2 and 5 <= chunk <= 4096 // 8
     assert NumbaModel(plan, threads=1).schedule(4096)[0] == 1
+
+
+# ---- uint16 activations (A16W8) -------------------------------------------------------------
+
+WIDE = QuantParams(0.001, 30000, bits=16)
+
+
+def _a16w8_mlp(rng: np.random.Generator, *, k: int = 64) -> QdqGraph:
+    graph = QdqGraph([k], QuantParams(0.02, 128))
+    graph.gemm(random_weights(rng, (16, k)), np.full(16, 0.01), rng.integers(-99, 99, 16), WIDE)
+    return graph.square(QuantParams(0.002, 0, bits=16))
+
+
+def test_a16w8_graphs_compile_to_16_bit_plans():
+    rng = np.random.default_rng(30)
+    graph = _a16w8_mlp(rng)
+    plan = compile_model(graph.gemm(random_weights(rng, (10, 16)), np.full(10, 0.01), np.zeros(10), None).build())
+    assert [type(s) for s in plan.steps] == [Quantize, Gemm, Gemm]
+    assert isinstance(plan.steps[1].activation, Square) and plan.steps[1].output.bits == 16
+    assert [t.bits for t in plan.tensors] == [8, 16] and plan.has_16_bit
+    assert plan.describe()[1].endswith("[16] uint16")
+    assert not compile_model(_small_cnn()).has_16_bit
+    # a uint16 tensor as the graph output, through a DequantizeLinear
+    plan = compile_model(_a16w8_mlp(rng).build())
+    assert isinstance(plan.steps[-1], Dequantize) and plan.num_outputs == 16
+
+
+def test_exported_mlp_is_a16w8_and_cnn_uint8(trained_repo):
+    mlp = compile_file(next(trained_repo.glob("digits-mlp-*/1/model.onnx")))
+    assert mlp.has_16_bit and mlp.steps[1].output.bits == 16 and mlp.steps[1].activation.output.bits == 16
+    assert not compile_file(next(trained_repo.glob("digits-cnn-*/1/model.onnx"))).has_16_bit
+
+
+def _refused(graph: QdqGraph, match: str) -> None:
+    with pytest.raises(UnsupportedModelError, match=match):
+        compile_model(graph.build())
+
+
+@pytest.mark.parametrize("operator", ["conv", "avg_pool", "relu"])
+def test_operators_without_a_16_bit_form_are_refused_naming_the_node(operator):
+    rng = np.random.default_rng(31)
+    graph = QdqGraph([2, 6, 6], WIDE)  # a uint16 input
+    if operator == "conv":
+        graph.conv(random_weights(rng, (3, 2, 3, 3)), np.full(3, 0.01), np.zeros(3), QuantParams(0.05, 100))
+    elif operator == "avg_pool":
+        graph.avg_pool((2, 2), QuantParams(0.05, 100))
+    else:
+        graph.relu(QuantParams(0.05, 0))
+    name = {"conv": r"conv\d+' \(Conv", "avg_pool": r"averagepool\d+' \(AveragePool", "relu": r"relu\d+' \(Relu"}
+    _refused(graph.flatten(), rf"node '{name[operator]}\): reads or writes a uint16 tensor")
+
+
+@pytest.mark.parametrize("operator", ["conv", "avg_pool", "relu"])
+def test_operators_writing_uint16_are_refused(operator):
+    rng = np.random.default_rng(32)
+    graph = QdqGraph([2, 6, 6], QuantParams(0.02, 128))
+    if operator == "conv":
+        graph.conv(random_weights(rng, (3, 2, 3, 3)), np.full(3, 0.01), np.zeros(3), WIDE)
+    elif operator == "avg_pool":
+        graph.avg_pool((2, 2), WIDE)
+    else:
+        graph.relu(WIDE)
+    _refused(graph.flatten(), r"node '\w+' \((Conv|AveragePool|Relu)\): reads or writes a uint16 tensor")
+
+
+def test_mixtures_of_uint8_and_uint16_are_refused():
+    rng = np.random.default_rng(33)
+    _refused(
+        QdqGraph([40], QuantParams(0.02, 128)).square(WIDE), r"'mul\d+' \(Mul\): a square from a uint8 to a uint16"
+    )
+    _refused(QdqGraph([40], WIDE).square(QuantParams(0.02, 0)), r"'mul\d+' \(Mul\): a square from a uint16 to a uint8")
+    graph = QdqGraph([40], WIDE).gemm(random_weights(rng, (8, 40)), np.full(8, 0.01), np.zeros(8), QuantParams(0.1, 9))
+    _refused(graph, r"'gemm\d+' \(Gemm\): a Gemm from a uint16 to a uint8 tensor")
+
+
+def test_16_bit_gemm_whose_sums_could_overflow_int32_is_refused_naming_it():
+    """A uint16 input has |q - zp| up to 65535: with 7-bit weights, 521 inputs can pass 2**31."""
+    weight = np.full((4, 521), 63, np.int8)
+    graph = QdqGraph([521], QuantParams(0.001, 0, bits=16)).gemm(weight, np.full(4, 0.01), np.zeros(4), None)
+    _refused(graph, r"'logits' \(Gemm\): its integer sums could reach 2151055305 .* beyond int32")
+    fits = QdqGraph([520], QuantParams(0.001, 0, bits=16)).gemm(weight[:, :520], np.full(4, 0.01), np.zeros(4), None)
+    assert compile_model(fits.build()).has_16_bit  # 65535 * 63 * 520 < 2**31
+    bias = np.array([2**31 - 1 - 65535 * 63 * 520 + 1, 0, 0, 0])
+    over = QdqGraph([520], QuantParams(0.001, 0, bits=16)).gemm(weight[:, :520], np.full(4, 0.01), bias, None)
+    _refused(over, "beyond int32")
+    # a uint8 input needs about 133,700 inputs to get there; the bias alone can
+    wide_bias = np.array([2**31 - 100, 0])
+    graph = QdqGraph([8], QuantParams(0.02, 128)).gemm(np.full((2, 8), 63, np.int8), np.full(2, 0.01), wide_bias, WIDE)
+    _refused(graph, r"'gemm\d+' \(Gemm\): its integer sums could reach")
+
+
+def test_a16w8_model_loads_the_numba_backend(tmp_path):
+    rng = np.random.default_rng(34)
+    path = tmp_path / "model.onnx"
+    graph = _a16w8_mlp(rng)
+    onnx.save(graph.gemm(random_weights(rng, (10, 16)), np.full(10, 0.01), np.zeros(10), None).build(), str(path))
+    backend = load_backend(path, strict=True)
+    assert isinstance(backend, NumbaModel) and backend.plan.has_16_bit
+
+
+def test_uint16_named_by_output_dtype_without_a_zero_point():
+    """QuantizeLinear may give its type as ``output_dtype`` (opset 21) instead of a zero point."""
+    model = QdqGraph([300], QuantParams(0.0007, 0, bits=16)).build()
+    for node in model.graph.node:  # drop both zero points; the QuantizeLinear names uint16 instead
+        del node.input[2]
+        if node.op_type == "QuantizeLinear":
+            node.attribute.append(helper.make_attribute("output_dtype", onnx.TensorProto.UINT16))
+    plan = compile_model(model)
+    assert plan.tensors[0].params == QuantParams(float(np.float32(0.0007)), 0, bits=16)
+    x = np.random.default_rng(35).uniform(-10, 50, (4, 300)).astype(np.float32)
+    expected = onnx_runtime.predict_logits(onnx_runtime.create_session(model.SerializeToString()), x)
+    np.testing.assert_array_equal(NumbaModel(plan).predict_logits(x), expected)
+    assert (expected == np.float32(65535 * np.float32(0.0007))).any()  # saturated at 65535, not 255

@@ -1,5 +1,5 @@
 """The numba kernels against the numpy reference: random shapes (odd sizes included), extreme
-uint8/int8 values and saturated outputs, one operator (or a short chain) at a time."""
+uint8/uint16/int8 values and saturated outputs, one operator (or a short chain) at a time."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 
 from kernels import arithmetic, ops, reference
+from kernels import compiler as kernel_compiler
 from kernels import isa as kernel_isa
 from kernels.compiler import compile_model
 from kernels.executor import ONES, NumbaModel
+from kernels.plan import Elementwise, Gemm
 from kernels.program import PAIR_LIMIT, _pack
 from kernels.testing import QdqGraph, random_weights
 from models.quantization import QuantParams
@@ -33,11 +35,15 @@ def _params(rng: np.random.Generator, scale_low: float, scale_high: float) -> Qu
 
 
 def _assert_kernels_match_reference(graph: QdqGraph, x: np.ndarray, *, threads: int = 1) -> np.ndarray:
-    """On every code path this CPU runs (AVX2, and VNNI where it has it): each one bit for bit."""
+    """On every code path this CPU runs (AVX2, and VNNI where it has it): each one bit for bit.
+
+    With ``threads=2`` every batch of two rows or more is split across both threads.
+    """
     plan = compile_model(graph.build())
     expected = reference.run(plan, x)
     for isa in ISAS:
-        got = NumbaModel(plan, threads=threads, isa=isa).predict_logits(x)
+        split = {"parallel_min_macs": 1} if threads > 1 else {}
+        got = NumbaModel(plan, threads=threads, isa=isa, **split).predict_logits(x)
         np.testing.assert_array_equal(got, expected, err_msg=f"{isa} path")
     return got
 
@@ -194,3 +200,143 @@ def test_tiles_are_exact_at_the_pair_limit_and_saturate_beyond_it():
         expected = 255 * int(rows[0].astype(np.int64).sum())
         assert bool((sums[0] == expected).all()) == exact
         assert (abs(w_pair[0]) + abs(w_pair[1]) <= PAIR_LIMIT) == exact
+
+
+# ---- uint16 activations (A16W8) -------------------------------------------------------------
+
+
+def _extreme_inputs16(rng: np.random.Generator, shape: tuple[int, ...], params: QuantParams) -> np.ndarray:
+    """Floats whose uint16 codes are often exactly 0 or 65535 (and a few far outside the range)."""
+    codes = rng.integers(0, 65536, shape)
+    codes[rng.random(shape) < 0.15] = 0
+    codes[rng.random(shape) < 0.15] = 65535
+    x = arithmetic.dequantize(codes.astype(np.uint16), params.scale, params.zero_point)
+    x[rng.random(shape) < 0.02] *= np.float32(50)
+    return x
+
+
+def _covering(values: np.ndarray, fraction: float = 0.8) -> QuantParams:
+    """uint16 parameters over ``fraction`` of the range of ``values`` (around its middle): some values
+    saturate at each end."""
+    low, high = float(values.min()), float(values.max())
+    middle, half = (low + high) / 2, (high - low) * fraction / 2
+    low, high = min(middle - half, 0.0), max(middle + half, 0.0)
+    scale = float(np.float32((high - low) / 65535))
+    return QuantParams(scale, int(np.clip(round(-low / scale), 0, 65535)), bits=16)
+
+
+def _dense(rng: np.random.Generator, n: int, k: int, source: QuantParams, codes: np.ndarray):
+    """Weights, scales and bias of an n x k layer, and the real values it computes from ``codes``."""
+    weight, scale, bias = random_weights(rng, (n, k)), rng.uniform(0.001, 0.02, n), rng.integers(-20000, 20000, n)
+    acc = (codes.reshape(len(codes), -1).astype(np.int64) - source.zero_point) @ weight.astype(np.int64).T + bias
+    return weight, scale, bias, acc * (source.scale * scale)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_16_bit_dense_layers_random_shapes(seed):
+    """uint8 -> uint16 (the SIMD tiles, a 16-bit epilogue), optionally squared, then uint16 -> uint16 or
+    not, then the float output, a uint16 DequantizeLinear or a square's: every 16-bit layer kind."""
+    rng = np.random.default_rng(600 + seed)
+    k, n1, n2, batch = int(rng.integers(1, 300)), int(rng.integers(2, 70)), int(rng.integers(2, 40)), 1 + seed
+    source = _params(rng, 0.01, 0.1)
+    x = _extreme_inputs(rng, (batch, k), source)
+    graph = QdqGraph([k], source)
+    params, codes = source, arithmetic.quantize(x, source.scale, source.zero_point)
+
+    def dense(n: int) -> None:
+        nonlocal params, codes
+        weight, scale, bias, real = _dense(rng, n, graph.shape[0], params, codes)
+        params = _covering(real)  # 80% of the range: saturates both ways
+        graph.gemm(weight, scale, bias, params)
+        codes = arithmetic.quantize(real.astype(np.float32), params.scale, params.zero_point, 16)
+
+    def square() -> None:
+        nonlocal params, codes
+        real = arithmetic.dequantize(codes, params.scale, params.zero_point) ** 2
+        params = _covering(real, 0.5)  # from 0 to half the largest square: saturates at the top
+        graph.square(params)
+        codes = arithmetic.quantize(real, params.scale, params.zero_point, 16)
+
+    dense(n1)
+    if seed % 2:
+        square()
+    if seed % 3 == 0:
+        dense(n2)
+    if seed % 4 == 1:
+        square()
+    if seed % 4 == 3:
+        graph.gemm(random_weights(rng, (7, graph.shape[0])), np.full(7, 0.001), rng.integers(-99, 99, 7), None)
+    got = _assert_kernels_match_reference(graph, x, threads=1 + seed % 2)
+    if seed % 4 != 3:  # a uint16 output: saturated
+        out = np.rint(got / np.float32(params.scale)).astype(np.int64) + params.zero_point
+        assert (out == 65535).any()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_16_bit_input_quantize_square_and_dequantize(seed):
+    rng = np.random.default_rng(700 + seed)
+    size, batch = int(rng.integers(1, 500)), int(rng.integers(1, 9))
+    source = QuantParams(float(np.float32(rng.uniform(1e-4, 1e-2))), int(rng.integers(0, 65536)), bits=16)
+    graph = QdqGraph([size], source)
+    if seed:  # seed 0: quantize and dequantize alone
+        low = -source.zero_point * source.scale
+        largest = max(low**2, ((65535 - source.zero_point) * source.scale) ** 2)
+        scale = largest / 65535 * (1e-6 if seed == 1 else 0.7)  # seed 1: nearly every square saturates
+        graph.square(QuantParams(float(np.float32(scale)), int(rng.integers(0, 200)), bits=16))
+    x = _extreme_inputs16(rng, (batch, size), source)
+    x[0, : min(size, 6)] = np.array([np.nan, np.inf, -np.inf, 1e30, -1e30, -0.0], np.float32)[: min(size, 6)]
+    _assert_kernels_match_reference(graph, x, threads=1 + seed % 2)
+
+
+def test_16_bit_quantize_handles_nan_inf_and_ties():
+    params = QuantParams(0.0007, 30001, bits=16)
+    x = np.concatenate(
+        [[np.nan, np.inf, -np.inf, 1e30, -1e30, -0.0], np.arange(-30000, 30000) * np.float32(0.00035)]
+    ).astype(np.float32)[None, :]
+    got = _assert_kernels_match_reference(QdqGraph([x.shape[1]], params), x)
+    np.testing.assert_array_equal(got[0, :3], arithmetic.dequantize(np.array([0, 65535, 0], np.uint16), 0.0007, 30001))
+
+
+@pytest.mark.parametrize("first_bits", [8, 16])
+def test_fused_16_bit_square_equals_the_standalone_one(monkeypatch, first_bits):
+    """A square fused into the dense layer before it squares the requantized uint16 value, in float32,
+    exactly as the standalone operator does."""
+    rng = np.random.default_rng(800 + first_bits)
+    source = _params(rng, 0.01, 0.1) if first_bits == 8 else QuantParams(0.0007, 30001, bits=16)
+    k = 77 if first_bits == 8 else 40
+    x = _extreme_inputs(rng, (13, k), source) if first_bits == 8 else _extreme_inputs16(rng, (13, k), source)
+    codes = arithmetic.quantize(x, source.scale, source.zero_point, first_bits)
+    weight, scale, bias, real = _dense(rng, 29, k, source, codes)
+    hidden = _covering(real)
+    rounded = arithmetic.quantize(real, hidden.scale, hidden.zero_point, 16)
+    squared = _covering(arithmetic.dequantize(rounded, hidden.scale, hidden.zero_point) ** 2, 0.6)
+    graph = QdqGraph([k], source).gemm(weight, scale, bias, hidden).square(squared)
+    graph.gemm(random_weights(rng, (10, 29)), np.full(10, 0.001), rng.integers(-99, 99, 10), None)
+    model = graph.build()
+    fused = compile_model(model)
+    monkeypatch.setattr(kernel_compiler, "_fuse_activations", list)
+    unfused = compile_model(model)
+    assert fused.steps[1].activation is not None and isinstance(unfused.steps[2], Elementwise)
+    assert isinstance(unfused.steps[1], Gemm) and unfused.steps[1].activation is None
+    expected = reference.run(fused, x)
+    np.testing.assert_array_equal(reference.run(unfused, x), expected)
+    for isa in ISAS:
+        for plan in (fused, unfused):
+            np.testing.assert_array_equal(NumbaModel(plan, isa=isa).predict_logits(x), expected)
+
+
+def test_16_bit_dense_layer_after_a_channels_last_map():
+    """A uint8 convolution's NHWC output, flattened, into a uint8 -> uint16 dense layer (permuted weights)."""
+    rng = np.random.default_rng(900)
+    source = QuantParams(0.02, 120)
+    graph = QdqGraph([2, 6, 5], source)
+    graph.conv(random_weights(rng, (11, 2, 3, 3)), np.full(11, 0.01), np.zeros(11), QuantParams(0.05, 100))
+    graph.flatten().gemm(
+        random_weights(rng, (9, graph.shape[0])),
+        np.full(9, 0.01),
+        rng.integers(-99, 99, 9),
+        QuantParams(0.002, 30000, 16),
+    )
+    graph.square(QuantParams(0.001, 0, bits=16))
+    graph.gemm(random_weights(rng, (7, 9)), np.full(7, 0.01), rng.integers(-99, 99, 7), None)
+    _assert_kernels_match_reference(graph, _extreme_inputs(rng, (5, 2, 6, 5), source), threads=2)

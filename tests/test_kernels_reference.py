@@ -12,7 +12,7 @@ import pytest
 
 from kernels import arithmetic, reference
 from kernels.compiler import compile_model
-from kernels.testing import QdqGraph, random_weights
+from kernels.testing import QdqGraph, onnxruntime_deviation_bound, random_weights
 from models import onnx_runtime
 from models.quantization import QuantParams
 
@@ -145,3 +145,120 @@ def test_whole_image_average_pool_takes_onnxruntimes_integer_path():
 def test_dequantize_table_matches_elementwise_dequantize():
     table = arithmetic.dequantize_table(0.0371, 201)
     np.testing.assert_array_equal(table, arithmetic.dequantize(np.arange(256, dtype=np.uint8), 0.0371, 201))
+
+
+# ---- uint16 activations (A16W8) -------------------------------------------------------------
+# onnxruntime runs these in float32: the quantize and the square are its float formulas, bit for
+# bit; the Gemms are exact integer sums, held to integer numpy and to onnxruntime within the
+# bound of kernels.testing.onnxruntime_deviation_bound.
+
+INPUT16 = QuantParams(0.0007, 30001, bits=16)
+
+
+def _ties(x: np.ndarray, scale: float) -> int:
+    v = (x[np.isfinite(x)] / np.float32(scale)).astype(np.float32)
+    return int((v - np.floor(v) == 0.5).sum())
+
+
+def test_quantize16_is_the_8_bit_formula_with_65535():
+    x = np.concatenate(
+        [
+            [np.nan, np.inf, -np.inf, 1e30, -1e30, 0.0, -0.0],
+            np.arange(-30000, 30000) * np.float32(INPUT16.scale / 2),  # x / scale: 25,000 exact .5 ties
+            np.random.default_rng(20).standard_normal(20000) * 30,  # beyond [-21.0, 24.9] both ways
+        ]
+    ).astype(np.float32)[None, :]
+    assert _ties(x, INPUT16.scale) > 20000
+    got = _assert_reference_matches_ort(QdqGraph([x.shape[1]], INPUT16), x)  # Q(uint16) -> DQ output
+    q = arithmetic.quantize(x, INPUT16.scale, INPUT16.zero_point, bits=16)
+    assert q.dtype == np.uint16
+    assert q[0, 0] == 0 and q[0, 1] == 65535 and q[0, 2] == 0  # NaN -> 0, +inf -> 65535, -inf -> 0
+    assert (q == 0).sum() > 100 and (q == 65535).sum() > 100
+    np.testing.assert_array_equal(got, arithmetic.dequantize(q, INPUT16.scale, INPUT16.zero_point))
+    multiplied = np.clip(np.rint(x[0, 7:] * np.float32(1 / INPUT16.scale)) + INPUT16.zero_point, 0, 65535)
+    assert not np.array_equal(multiplied, q[0, 7:]), "dividing must differ from multiplying by 1/scale"
+
+
+@pytest.mark.parametrize(
+    "output", [QuantParams(3e-5, 0, bits=16), QuantParams(0.01, 100, bits=16), QuantParams(1e-9, 7, bits=16)]
+)
+def test_square16_is_the_float32_square_not_qlinearmul(output):
+    rng = np.random.default_rng(21)
+    graph = QdqGraph([4000], INPUT16).square(output)
+    x = rng.uniform(-25, 25, (16, 4000)).astype(np.float32)
+    got = _assert_reference_matches_ort(graph, x)
+    q = arithmetic.quantize(x, INPUT16.scale, INPUT16.zero_point, bits=16)
+    d = q.astype(np.int64) - INPUT16.zero_point
+    codes = arithmetic.quantize(got, output.scale, output.zero_point, bits=16)
+    integer = np.clip(
+        np.rint((d * d).astype(np.float32) * arithmetic.square_ratio(INPUT16.scale, output.scale) + output.zero_point),
+        0,
+        65535,
+    )
+    if output.scale < 1e-6:  # saturates: squares past 2**31 still give 65535, not 0
+        assert (codes == 65535).mean() > 0.9
+    else:
+        assert (codes != integer).any(), "QLinearMul's formula (ratio, zero point before rounding) differs"
+
+
+def _integer_gemm(q: np.ndarray, zero_point: int, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    return (q.reshape(len(q), -1).astype(np.int64) - zero_point) @ weight.astype(np.int64).T + bias.astype(np.int64)
+
+
+def _assert_within_bound_of_ort(model, x: np.ndarray) -> np.ndarray:
+    plan = compile_model(model)
+    got = reference.run(plan, x)
+    expected = _ort(model, x)
+    bound = onnxruntime_deviation_bound(plan, x)
+    assert plan.has_16_bit and bound.max() > 0
+    assert (np.abs(got.astype(np.float64) - expected) <= bound).all()
+    return got
+
+
+@pytest.mark.parametrize("square", [False, True])
+def test_gemm_from_uint8_to_uint16_is_exact_integer(square):
+    rng = np.random.default_rng(22)
+    source = QuantParams(0.05, 7)
+    output = QuantParams(float(np.float32(350 / 65535)), 37449, bits=16)  # [-200, 150] of [-290, 202]
+    squared = QuantParams(float(np.float32(30000 / 65535)), 0, bits=16)  # [0, 30000] of [0, 84000]
+    weight, weight_scale, bias = (
+        random_weights(rng, (24, 300)),
+        rng.uniform(0.0005, 0.02, 24),
+        rng.integers(-9e4, 9e4, 24),
+    )
+    graph = QdqGraph([300], source).gemm(weight, weight_scale, bias, output)
+    if square:
+        graph.square(squared)
+    x = rng.uniform(-0.4, 12, (64, 300)).astype(np.float32)
+    got = _assert_within_bound_of_ort(graph.build(), x)
+    acc = _integer_gemm(arithmetic.quantize(x, source.scale, source.zero_point), source.zero_point, weight, bias)
+    multiplier = arithmetic.requant_multiplier(source.scale, weight_scale, output.scale)
+    codes = arithmetic.requantize(acc, multiplier, output.zero_point, bits=16)
+    assert (codes == 0).any() and (codes == 65535).any(), "the case must saturate both ways"
+    # one rounding of the exact result: within half a code of it, plus float32's relative error
+    exact = acc * (np.float64(source.scale) * weight_scale.astype(np.float32)) / output.scale
+    low, high = -output.zero_point, 65535 - output.zero_point
+    deviation = codes.astype(np.float64) - output.zero_point - np.clip(exact, low, high)
+    assert np.abs(deviation).max() <= 0.5 + 4 * 2.0**-24 * high
+    if square:
+        codes = arithmetic.float_square(codes, output.scale, output.zero_point, squared.scale, squared.zero_point)
+        assert (codes == 65535).any()
+        output = squared
+    np.testing.assert_array_equal(got, arithmetic.dequantize(codes, output.scale, output.zero_point))
+
+
+def test_gemm_from_uint16_to_uint16_and_to_float_is_exact_integer():
+    rng = np.random.default_rng(23)
+    hidden = QuantParams(float(np.float32(24 / 65535)), 32768, bits=16)  # [-12, 12] of [-24, 25]
+    w1, s1, b1 = random_weights(rng, (40, 57)), rng.uniform(0.0005, 0.002, 40), rng.integers(-9e5, 9e5, 40)
+    w2, s2, b2 = random_weights(rng, (10, 40)), rng.uniform(0.0005, 0.002, 10), rng.integers(-9e5, 9e5, 10)
+    graph = QdqGraph([57], INPUT16).gemm(w1, s1, b1, hidden).gemm(w2, s2, b2, None)
+    x = rng.uniform(-21, 24, (64, 57)).astype(np.float32)
+    got = _assert_within_bound_of_ort(graph.build(), x)
+    q = arithmetic.quantize(x, INPUT16.scale, INPUT16.zero_point, bits=16)
+    multiplier = arithmetic.requant_multiplier(INPUT16.scale, s1, hidden.scale)
+    h = arithmetic.requantize(_integer_gemm(q, INPUT16.zero_point, w1, b1), multiplier, hidden.zero_point, bits=16)
+    assert (h == 0).any() and (h == 65535).any(), "the hidden layer must saturate both ways"
+    scale = (np.float32(hidden.scale) * s2.astype(np.float32)).astype(np.float32)
+    logits = _integer_gemm(h, hidden.zero_point, w2, b2).astype(np.int32).astype(np.float32) * scale
+    np.testing.assert_array_equal(got, logits)

@@ -62,3 +62,28 @@ def test_quantize_network_needs_one_range_per_layer():
 def test_network_must_end_with_a_weighted_layer():
     with pytest.raises(InvalidArgumentError, match="last layer must be dense or conv, got Square"):
         quantize_network([_dense(2, 3), Square()], [(0.0, 1.0)] * 3)
+
+
+def test_sixteen_bit_parameters_cover_the_range_on_a_finer_grid():
+    wide, narrow = QuantParams.from_range(-1.0, 3.0, 16), QuantParams.from_range(-1.0, 3.0)
+    assert (wide.qmax, wide.dtype, narrow.qmax, narrow.dtype) == (65535, np.uint16, 255, np.uint8)
+    assert wide.scale == pytest.approx(narrow.scale * 255 / 65535)
+    q = wide.quantize(np.array([-5.0, 0.0, 2.0, 1e9]))
+    assert q.dtype == np.uint16 and q[0] == 0 and q[-1] == 65535
+    assert wide.dequantize(q)[1] == 0.0
+    assert abs(wide.dequantize(q)[2] - 2.0) <= wide.scale / 2
+
+
+def test_a16w8_quantizes_hidden_activations_to_uint16_and_keeps_a_uint8_input():
+    layers = [Flatten(), _dense(4, 3), Square(), _dense(2, 4)]
+    network = quantize_network(layers, [(0.0, 1.0)] * 5, activation_bits=16)
+    assert network.input.bits == 8
+    assert [ql.output.bits for ql in network.layers[1:3]] == [16, 16]
+    assert network.layers[3].output is None
+
+
+def test_a_bias_that_does_not_fit_int32_at_its_scale_is_refused():
+    tiny_input_scale = [(0.0, 1e-9)] + [(0.0, 1.0)] * 2
+    layers = [Flatten(), Dense(np.ones((2, 3), np.float32), np.full(2, 1e3, np.float32))]
+    with pytest.raises(InvalidArgumentError, match="layer 1: a bias does not fit int32"):
+        quantize_network(layers, tiny_input_scale)

@@ -2,7 +2,7 @@
 
 CKKS computes on real numbers, so the int8 model is read as the real network it encodes: every
 weight and bias dequantized exactly as onnxruntime dequantizes it, and every activation
-QuantizeLinear / DequantizeLinear pair read as the identity (there is no rounding under
+QuantizeLinear / DequantizeLinear pair, uint8 or uint16, read as the identity (there is no rounding under
 encryption; the input's own quantization is applied by the client before it encrypts). What is
 left is a chain of linear operators (Conv, Gemm, AveragePool, Flatten) broken by squares
 (``Mul(x, x)``). Each maximal run of linear operators becomes one affine map ``A x + c``, found by
@@ -23,7 +23,7 @@ from onnx import numpy_helper
 
 from gateway.he.packing import ConvGeometry
 from models.errors import InvalidArgumentError
-from models.quantization import UINT8_MAX, QuantParams
+from models.quantization import QuantParams
 
 Op = Callable[[np.ndarray], np.ndarray]  # batch-first float64 arrays
 
@@ -62,7 +62,7 @@ class LoweredModel:
         ratio of worst-case to typical alignment of weights and inputs.
         """
         q = self.input_quantization
-        low, high = float(q.dequantize(np.array(0))), float(q.dequantize(np.array(UINT8_MAX)))
+        low, high = float(q.dequantize(np.array(0))), float(q.dequantize(np.array(q.qmax)))
         width = int(np.prod(self.input_shape))
         low, high = np.full(width, low), np.full(width, high)
         result = []
@@ -175,7 +175,12 @@ def lower(path: Path) -> LoweredModel:
             constants[node.output[0]] = (q - constants[node.input[2]].reshape(scale.shape)) * scale
         elif op == "QuantizeLinear":
             if node.input[0] == input_value.name:
-                input_quantization = QuantParams(scale=float(raw[node.input[1]]), zero_point=int(raw[node.input[2]]))
+                zero_point = raw[node.input[2]]
+                if zero_point.dtype != np.uint8:  # the client rounds to a uint8 grid, which the spec describes
+                    raise UnsupportedOperatorError(
+                        f"QuantizeLinear node {node.name!r}: the network input must be uint8, not {zero_point.dtype}"
+                    )
+                input_quantization = QuantParams(scale=float(raw[node.input[1]]), zero_point=int(zero_point))
         elif op == "DequantizeLinear":  # an activation: the identity on real numbers
             continue
         elif op == "Flatten":
