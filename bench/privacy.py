@@ -9,7 +9,8 @@ Every model of the repository (its DP budget, epsilon, is fixed at training) is 
 execution path:
 
 * ``plaintext-onnxruntime``: the reference runtime, the server sees the input;
-* ``plaintext-numba``: the int8 kernels, bit-identical to it, the server sees the input;
+* ``plaintext-numba``: the int8 kernels (bit-identical to it for uint8 models, within a stated
+  float32 bound for A16W8 ones), the server sees the input;
 * ``encrypted-standard`` and ``encrypted-high``: CKKS at the engine's two parameter profiles;
   the server sees neither input nor result.
 
