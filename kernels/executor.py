@@ -74,6 +74,7 @@ from kernels.program import (
     GEMM16_FIELDS,
     GEMM_FIELDS,
     GEMM_SUM_ROWS,
+    NCHW,
     OP_CONV,
     OP_DEQUANTIZE,
     OP_DEQUANTIZE16,
@@ -162,7 +163,7 @@ def _run_wide(op, weights, ints, floats, offsets, strides, scratch, x, out, row0
         return
     src = _tensor16(ws8, scratch, offsets, strides, op[F_SRC], rows)
     if kind == OP_DEQUANTIZE16:
-        ops.dequantize16_rows(src, out[row0 : row0 + rows], op[D_FEATURES], floats[op[D_SCALE]], op[D_ZP])
+        ops.dequantize_rows(src, out[row0 : row0 + rows], op[D_FEATURES], floats[op[D_SCALE]], op[D_ZP], NCHW, 1, 1)
     elif kind == OP_GEMM16:
         k, n, w, af = op[H_K], op[H_N], op[H_W], op[H_AF]
         matrix = weights[w : w + n * k].reshape(n, k)

@@ -492,7 +492,11 @@ def global_pool_rows(x, out, layout, channels, size, input_zero, multiplier, zer
 
 @njit(**_JIT)
 def quantize16_rows(x, out, features, scale, zero_point):
-    """QuantizeLinear of float32 rows ``x[:, :features]`` into uint16 ``out`` (the uint8 formula, 65535 for 255)."""
+    """QuantizeLinear of float32 rows ``x[:, :features]`` into uint16 ``out`` (the uint8 formula, 65535 for 255).
+
+    Not :func:`quantize_rows` with the top code as a parameter: that version, storing through an
+    implicit cast, made the CNN's batch-1 call 0.25 us (4%) slower, measured.
+    """
     low = np.float32(-zero_point)
     high = np.float32(65535 - zero_point)
     zero = np.float32(zero_point)
@@ -504,16 +508,6 @@ def quantize16_rows(x, out, features, scale, zero_point):
             v = v if v > low else low  # NaN takes ``low``, as maxps does
             v = v if v < high else high
             dst[j] = np.uint16(np.rint(v) + zero)
-
-
-@njit(**_JIT)
-def dequantize16_rows(q, out, n, scale, zero_point):
-    """DequantizeLinear of uint16 rows: ``float32(q - zp) * scale``."""
-    for r in range(q.shape[0]):
-        src = q[r]
-        dst = out[r]
-        for j in range(n):
-            dst[j] = np.float32(np.int32(np.int32(src[j]) - zero_point)) * scale
 
 
 @njit(inline="always")
