@@ -1,6 +1,7 @@
 """``hegate bench load``: load a running gateway and report what perf_analyzer reports.
 
     hegate bench load --target 127.0.0.1:8001 --model mnist-cnn-eps3 --plaintext --concurrency 1 8 32
+    hegate bench load --plaintext --fast-path 127.0.0.1:8003     # the plaintext fast path
     hegate bench load --target 127.0.0.1:8001 --model mnist-cnn-eps3 --rate 10 --duration 20
     hegate bench load --target ... --requests 500 --json out.json
 
@@ -86,6 +87,9 @@ def markdown(rows: list[dict], header: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.fast_path and not args.plaintext:
+        raise InvalidArgumentError("--fast-path serves the plaintext path only: add --plaintext")
+    target = args.fast_path or args.target
     with HegateClient(args.target, api_key=args.api_key) as client:
         work = workload(client, args.model, plaintext=args.plaintext, batch=args.batch)
         levels = [("rate", r) for r in args.rate] if args.rate else [("concurrency", c) for c in args.concurrency]
@@ -93,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         for kind, value in levels:
             in_flight = args.max_in_flight if kind == "rate" else int(value)
             spec = LoadSpec(
-                target=args.target,
+                target=target,
                 method=work.method,
                 requests=work.requests,
                 in_flight=in_flight,
@@ -113,12 +117,12 @@ def run(args: argparse.Namespace) -> int:
                 f"errors {row['errors'] or 'none'}",
                 flush=True,
             )
-    header = f"# Load on {args.target}: {args.model}, {work.path}, batch {args.batch}"
+    header = f"# Load on {target}: {args.model}, {work.path}, batch {args.batch}"
     print(markdown(rows, header))
     if args.json:
         Path(args.json).write_text(
             json.dumps(
-                {"target": args.target, "model": args.model, "path": work.path, "batch": args.batch, "levels": rows},
+                {"target": target, "model": args.model, "path": work.path, "batch": args.batch, "levels": rows},
                 indent=2,
             )
             + "\n"
@@ -129,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(commands) -> None:
     load = commands.add_parser("load", help="load a running gateway: throughput, latency, errors by status")
     load.add_argument("--target", default="127.0.0.1:8001")
+    load.add_argument("--fast-path", metavar="HOST:PORT", help="with --plaintext: load the gateway's fast path")
     load.add_argument("--model", default="mnist-cnn-eps3")
     load.add_argument("--plaintext", action="store_true", help="the Open Inference Protocol path (default: encrypted)")
     load.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="calls in flight, per level")

@@ -88,7 +88,7 @@ MODEL = "mnist-cnn-eps3"
 START_TIMEOUT_SECONDS = 120.0
 QUICK_NOTE = " (--quick: a smoke run, not figures to quote)"
 HEGATE_WORKERS = 1  # encrypted workers only; the plaintext path runs in the gateway's event loop
-SIDES = ("hegate", "mlserver", "floor")
+SIDES = ("hegate", "hegate-aio", "mlserver", "floor")  # hegate: its fast path; hegate-aio: its grpc.aio port
 TARGETS = {  # the peer issue's targets, hegate over MLServer at every level
     "throughput_ratio": (">=", 2.0),
     "p50_ratio": ("<=", 0.5),
@@ -363,7 +363,13 @@ def level(sides: list[Side], *, in_flight: int, durations: Durations) -> dict:
             result, _ = windows[side.name][-1]
             print(f"  {in_flight} in flight, {side.name}: {result.ok / result.seconds:,.0f} OK/s", flush=True)
     rows = {name: pooled(rows) for name, rows in windows.items()}
-    return {"in_flight": in_flight, **rows, **_ratios(rows, "hegate"), **_ratios(rows, "floor", prefix="floor_")}
+    return {
+        "in_flight": in_flight,
+        **rows,
+        **_ratios(rows, "hegate"),
+        **_ratios(rows, "hegate-aio", prefix="aio_"),
+        **_ratios(rows, "floor", prefix="floor_"),
+    }
 
 
 def _ratios(rows: dict[str, dict], name: str, *, prefix: str = "") -> dict:
@@ -396,19 +402,21 @@ def agreement(targets: dict[str, str], requests: list[bytes]) -> dict:
                 answers[name] = [oip.ModelInferResponse.FromString(call(request, timeout=30)) for request in requests]
             except grpc.RpcError as exc:
                 raise RuntimeError(f"{name} failed a request of the pool: {exc.code().name} {exc.details()}") from None
-    first, second = (answers[name] for name in targets)
-    if {(r.outputs[0].name, r.outputs[0].datatype) for r in first + second} != {
+    first = next(iter(answers.values()))
+    if {(r.outputs[0].name, r.outputs[0].datatype) for responses in answers.values() for r in responses} != {
         (first[0].outputs[0].name, first[0].outputs[0].datatype)
     }:
         raise RuntimeError("the servers name or type their outputs differently")
-    a, b = (np.concatenate([logits_of(r) for r in responses]) for responses in (first, second))
-    if a.shape != b.shape or not np.array_equal(a.argmax(1), b.argmax(1)):
-        raise RuntimeError(f"the servers disagree: {a.argmax(1)} against {b.argmax(1)}")
+    logits = {name: np.concatenate([logits_of(r) for r in responses]) for name, responses in answers.items()}
+    a = logits[next(iter(logits))]
+    for name, b in logits.items():
+        if a.shape != b.shape or not np.array_equal(a.argmax(1), b.argmax(1)):
+            raise RuntimeError(f"the servers disagree: {a.argmax(1)} against {name}'s {b.argmax(1)}")
     return {
         "requests": len(requests),
         "output": first[0].outputs[0].name,
         "datatype": first[0].outputs[0].datatype,
-        "max_abs_logit_difference": float(np.abs(a - b).max()),
+        "max_abs_logit_difference": max(float(np.abs(a - b).max()) for b in logits.values()),
         "argmax_agreement": 1.0,
     }
 
@@ -548,15 +556,19 @@ def side_by_side(root: Path, executable: Path, model: str, config: MLServerConfi
             requests = workload(client, model, plaintext=True, batch=1).requests
         result = {
             "mlserver": {"version": mlserver.version_string, "config": config.model_dump()},
-            "agreement": agreement({"hegate": hegate.target, "mlserver": mlserver.target}, requests),
+            "agreement": agreement(
+                {"hegate": hegate.fast_path_target, "hegate-aio": hegate.target, "mlserver": mlserver.target}, requests
+            ),
         }
         with grpc.insecure_channel(hegate.target, options=CHANNEL_OPTIONS) as channel:
             response = channel.unary_unary(PLAINTEXT_METHOD)(requests[0], timeout=30)
         with contextlib.ExitStack() as stack:
             floor = stack.enter_context(FloorProcess(floor_port, response, root))
             sides = []
-            for name, server in (("hegate", hegate), ("mlserver", mlserver), ("floor", floor)):
-                spec = load_spec(server.target, requests, most_in_flight=max(concurrency), generators=generators)
+            targets = {"hegate": hegate.fast_path_target, "hegate-aio": hegate.target}
+            for name, server in (("hegate", hegate), ("hegate-aio", hegate), ("mlserver", mlserver), ("floor", floor)):
+                target = targets.get(name, server.target)
+                spec = load_spec(target, requests, most_in_flight=max(concurrency), generators=generators)
                 sides.append(Side(name, server, stack.enter_context(LoadGenerators(spec))))
             result["levels"] = [level(sides, in_flight=c, durations=durations) for c in concurrency]
     return result

@@ -24,6 +24,7 @@ from gateway.settings import BUNDLED_REPOSITORY
 
 START_TIMEOUT_SECONDS = 180.0
 READY_LINE = re.compile(r"^hegate: serving .*? on (?P<host>[^\s:]+):(?P<port>\d+)[,;]")
+FAST_PATH = re.compile(r"fast path on (?P<address>[^\s,;]+)[,;]")
 METRICS_URL = re.compile(r"metrics on (?P<url>http://\S+/metrics);")
 COMPUTE_SUM = re.compile(
     r'^hegate_compute_seconds_(?P<what>sum|count)\{[^}]*path="(?P<path>\w+)"[^}]*\} (?P<value>\S+)$'
@@ -91,6 +92,7 @@ class Server:
         self.log = log
         self.flags = flags  # more ``hegate serve`` flags
         self.target = ""
+        self.fast_path_target: str | None = None  # the plaintext fast path, if the gateway serves one
         self.metrics_url = ""
         self.start_seconds = 0.0
 
@@ -108,6 +110,8 @@ class Server:
             str(self.workers),
             "--metrics-port",
             "0",
+            "--fast-path-port",
+            "0",
             *self.flags,
         ]
 
@@ -123,6 +127,8 @@ class Server:
             match = READY_LINE.match(line)
             if match:
                 self.target = f"{match['host']}:{match['port']}"
+                fast = FAST_PATH.search(line)
+                self.fast_path_target = fast["address"] if fast else None
                 metrics = METRICS_URL.search(line)
                 self.metrics_url = metrics["url"] if metrics else ""
             elif not line and (remaining <= 0 or self.process.poll() is not None):

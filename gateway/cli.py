@@ -106,6 +106,7 @@ def _serve(args: argparse.Namespace) -> int:
         address=args.address,
         workers=args.workers,
         metrics_port=args.metrics_port,
+        fast_path_port=args.fast_path_port,
         api_keys=api_keys,
         tls=tls,
         queue_limit=args.queue_limit,
@@ -120,8 +121,10 @@ def _serve(args: argparse.Namespace) -> int:
         gateway = Gateway(settings)
         await gateway.start()
         host = settings.address.rpartition(":")[0]
+        fast = f", fast path on {host}:{gateway.fast_path_port}" if gateway.fast_path_port else ""
         metrics = f", metrics on http://{host}:{gateway.metrics_port}/metrics" if gateway.metrics_port else ""
-        print(f"hegate: serving {settings.repository} on {host}:{gateway.port}{metrics}; Ctrl-C stops", flush=True)
+        served = f"{settings.repository} on {host}:{gateway.port}{fast}{metrics}"
+        print(f"hegate: serving {served}; Ctrl-C stops", flush=True)
         await gateway.wait()
 
     asyncio.run(run())
@@ -131,7 +134,12 @@ def _serve(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace):
     from gateway.client import HegateClient
 
-    return HegateClient(args.target or "127.0.0.1:8001", api_key=args.api_key, tls_ca_file=args.tls_ca)
+    return HegateClient(
+        args.target or "127.0.0.1:8001",
+        api_key=args.api_key,
+        tls_ca_file=args.tls_ca,
+        fast_path_target=getattr(args, "fast_path", None),
+    )
 
 
 def _infer(args: argparse.Namespace) -> int:
@@ -205,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--address", help="host:port to listen on (port 0: any free port)")
     serve.add_argument("--workers", type=int, help="encrypted worker processes (default: cores)")
     serve.add_argument("--metrics-port", type=int, help="Prometheus port (0: any free port)")
+    serve.add_argument("--fast-path-port", type=int, help="plaintext fast path port (0: any free port)")
     serve.add_argument("--api-key", action="append", metavar="KEY=TENANT", help="accept KEY for TENANT (repeatable)")
     serve.add_argument("--tls-cert", type=Path, help="server certificate (PEM)")
     serve.add_argument("--tls-key", type=Path, help="server private key (PEM)")
@@ -225,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--model", default=DEFAULT_MODEL)
     infer.add_argument("--plaintext", action="store_true", help="send the input unencrypted (trusted callers)")
     infer.add_argument("--target", help="host:port of the gateway (default 127.0.0.1:8001)")
+    infer.add_argument("--fast-path", metavar="HOST:PORT", help="with --plaintext: the gateway's fast path (:8003)")
     _client_flags(infer)
     infer.set_defaults(handler=_infer)
 

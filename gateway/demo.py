@@ -25,6 +25,7 @@ READY_PREFIX = "hegate: serving"
 def start_gateway() -> tuple[subprocess.Popen, str]:
     """A gateway on a free loopback port, bundled models; returns it once it listens."""
     command = [sys.executable, "-m", "gateway.cli", "serve", "--address", "127.0.0.1:0", "--metrics-port", "0"]
+    command += ["--fast-path-port", "0"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in process.stdout:
         if line.startswith(READY_PREFIX):

@@ -49,6 +49,9 @@ class GatewaySettings(BaseSettings):
     address: str = Field(default="127.0.0.1:8001", description="host:port of the gRPC server")
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256, description="encrypted workers")
     metrics_port: int | None = Field(default=8002, ge=0, le=65535, description="Prometheus port; None disables")
+    fast_path_port: int | None = Field(
+        default=8003, ge=0, le=65535, description="plaintext fast path port (same host); None disables"
+    )
     api_keys: dict[str, str] = Field(
         default_factory=dict, description="API key -> tenant; empty: no authentication (loopback default)"
     )

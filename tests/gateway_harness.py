@@ -23,7 +23,10 @@ from gateway.api import grpc_predict_v2_pb2_grpc, hegate_v1_pb2_grpc
 from gateway.settings import BUNDLED_REPOSITORY
 
 HEGATE = Path(sys.executable).with_name("hegate")
-READY = re.compile(r"^hegate: serving .* on (?P<host>[\d.]+):(?P<port>\d+), metrics on http://[\d.]+:(?P<metrics>\d+)/")
+READY = re.compile(
+    r"^hegate: serving .*? on (?P<host>[\d.]+):(?P<port>\d+)(?:, fast path on [\d.]+:(?P<fast>\d+))?"
+    r", metrics on http://[\d.]+:(?P<metrics>\d+)/"
+)
 START_TIMEOUT_SECONDS = 180.0
 MODELS = ("mnist-cnn-eps3", "breast-cancer-linear-eps3")
 
@@ -48,6 +51,7 @@ class GatewayProcess:
         environment = {key: value for key, value in os.environ.items() if not key.startswith("HEGATE_")}
         environment.update(env or {})
         command = [str(HEGATE), "serve", "--repo", str(repository), "--address", "127.0.0.1:0", "--metrics-port", "0"]
+        command += ["--fast-path-port", "0"]
         command += ["--workers", str(workers), *args]
         self._stdout = open(logs / "stdout.log", "wb")  # noqa: SIM115 - closed in stop()
         self._stderr = open(logs / "stderr.log", "wb")  # noqa: SIM115
@@ -61,6 +65,7 @@ class GatewayProcess:
         )
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.fast_path_port: int | None = None
         self._channels: list[grpc.Channel] = []
 
     @property
@@ -82,16 +87,23 @@ class GatewayProcess:
                 match = READY.match(line)
                 if match:
                     self.port, self.metrics_port = int(match["port"]), int(match["metrics"])
+                    self.fast_path_port = int(match["fast"]) if match["fast"] else None
                     return self
             if self.process.poll() is not None:
                 raise RuntimeError(f"hegate serve exited with {self.process.returncode}:\n{self.stderr()[-4000:]}")
             time.sleep(0.1)
         raise RuntimeError(f"hegate serve was not ready after {timeout:.0f} s:\n{self.stderr()[-4000:]}")
 
-    def channel(self) -> grpc.Channel:
-        """A fresh channel to the gateway, closed at :meth:`stop`; no message limit on the client side."""
+    @property
+    def fast_path_target(self) -> str:
+        return f"127.0.0.1:{self.fast_path_port}"
+
+    def channel(self, target: str | None = None) -> grpc.Channel:
+        """A fresh channel to the gateway (or ``target``), closed at :meth:`stop`; no message limit
+        on the client side."""
         channel = grpc.insecure_channel(
-            self.target, options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+            target or self.target,
+            options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)],
         )
         self._channels.append(channel)
         return channel
@@ -104,6 +116,15 @@ class GatewayProcess:
             hegate_v1_pb2_grpc.EncryptedInferenceStub(channel),
             health_pb2_grpc.HealthStub(channel),
         )
+
+    def fast_path_stubs(self):
+        """``(open inference stub, health stub)`` on one new channel to the fast path."""
+        channel = self.channel(self.fast_path_target)
+        return grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(channel), health_pb2_grpc.HealthStub(channel)
+
+    def oip_stub(self, front: str):
+        """The Open Inference Protocol stub of ``front``: ``"grpc.aio"`` (the main port) or ``"fast path"``."""
+        return self.stubs()[0] if front == "grpc.aio" else self.fast_path_stubs()[0]
 
     def health(self) -> int:
         """The overall health status (no API key sent)."""

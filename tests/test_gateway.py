@@ -49,6 +49,7 @@ TIMEOUT = 60.0
 ALICE, BOB = "alice-key", "bob-key"
 UNKNOWN_KEY_ID = "k1-" + "0" * 64
 REPLACEMENT_SECONDS = 180.0
+FRONTS = ("grpc.aio", "fast path")  # the two servers of the Open Inference Protocol
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -145,12 +146,14 @@ def refused(code: grpc.StatusCode, call, *args, then: Callable[[], None] | None 
 
 
 def assert_serving(gateway: GatewayProcess, *, api_key: str | None = None, session=None) -> None:
-    """Health says SERVING and a valid plaintext request (and encrypted one, given a session) works."""
+    """Health says SERVING and a valid plaintext request works on both fronts (and an encrypted
+    one, given a session)."""
     assert gateway.health() == SERVING
-    stub, _, _ = gateway.stubs()
     x = mnist(2)
-    logits = logits_of(stub.ModelInfer(plaintext_request(x), metadata=auth(api_key), timeout=TIMEOUT))
-    np.testing.assert_allclose(logits, reference_logits(MNIST, x), rtol=0, atol=1e-5)
+    for front in FRONTS:
+        stub = gateway.oip_stub(front)
+        logits = logits_of(stub.ModelInfer(plaintext_request(x), metadata=auth(api_key), timeout=TIMEOUT))
+        np.testing.assert_allclose(logits, reference_logits(MNIST, x), rtol=0, atol=1e-5)
     if session is not None:
         x, labels = _inputs(session.model.name)
         assert session.predict(x[:1]).logits.argmax(1).tolist() == [labels[0]]
@@ -255,6 +258,27 @@ def test_plaintext_logits_equal_onnxruntime(client):
     np.testing.assert_allclose(client.predict(CANCER, cancer), reference_logits(CANCER, cancer), rtol=0, atol=1e-5)
 
 
+def test_the_sdk_on_the_fast_path_gets_the_same_answers(gateway, client):
+    """``fast_path_target`` sends the plaintext calls to the fast path; the rest stays on the main port."""
+    with HegateClient(gateway.target, fast_path_target=gateway.fast_path_target, timeout_seconds=TIMEOUT) as fast:
+        for x in (mnist(1), mnist(512)):  # 512: 1.6 MB in, many frames and window updates
+            np.testing.assert_array_equal(fast.predict(MNIST, x), client.predict(MNIST, x))
+        assert fast.live() and fast.platform(MNIST) == client.platform(MNIST) == "hegate_int8_numba"
+        assert [m.name for m in fast.list_models()] == [m.name for m in client.list_models()]  # hegate.v1: main port
+
+
+def test_the_fast_path_serves_health_checks_but_not_the_encrypted_service(gateway):
+    _, health = gateway.fast_path_stubs()
+    assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT).status == SERVING
+    refused(grpc.StatusCode.NOT_FOUND, health.Check, health_pb2.HealthCheckRequest(service="no.such.Service"))
+    channel = gateway.channel(gateway.fast_path_target)
+    list_models = channel.unary_unary("/hegate.v1.EncryptedInference/ListModels")
+    details = refused(grpc.StatusCode.UNIMPLEMENTED, list_models, b"", then=partial(assert_serving, gateway))
+    assert "fast path" in details
+    undecodable = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+    refused(grpc.StatusCode.INVALID_ARGUMENT, undecodable, b"\xff\xff\xff", then=partial(assert_serving, gateway))
+
+
 TRITON_SCRIPT = """
 import json, sys
 import numpy as np
@@ -275,13 +299,15 @@ print(json.dumps({
 """
 
 
-def test_tritonclient_gets_the_same_logits(gateway, client, tmp_path):
+@pytest.mark.parametrize("front", FRONTS)
+def test_tritonclient_gets_the_same_logits(gateway, client, tmp_path, front):
     """A stock Open Inference Protocol client (in its own process: it registers protobuf package
-    ``inference`` too) reads the same logits as the SDK."""
+    ``inference`` too) reads the same logits as the SDK, from either front."""
     x = mnist(5)
     np.save(tmp_path / "x.npy", x)
     (tmp_path / "triton.py").write_text(TRITON_SCRIPT)
-    command = [sys.executable, str(tmp_path / "triton.py"), gateway.target, MNIST, str(tmp_path / "x.npy")]
+    target = gateway.target if front == "grpc.aio" else gateway.fast_path_target
+    command = [sys.executable, str(tmp_path / "triton.py"), target, MNIST, str(tmp_path / "x.npy")]
     result = subprocess.run(
         [*command, str(tmp_path / "logits.npy")], capture_output=True, text=True, timeout=120, check=False
     )
@@ -363,6 +389,11 @@ def test_a_single_message_above_the_limit_is_refused_by_grpc(gateway, session):
     refused(grpc.StatusCode.RESOURCE_EXHAUSTED, oip_stub.ModelInfer, plaintext_request(too_many), then=serving)
     fits = mnist(600)  # 1.9 MB: under the limit, served
     assert logits_of(oip_stub.ModelInfer(plaintext_request(fits), timeout=TIMEOUT)).shape == (600, 10)
+    fast_stub, _ = gateway.fast_path_stubs()
+    too_big = plaintext_request(too_many)
+    details = refused(grpc.StatusCode.RESOURCE_EXHAUSTED, fast_stub.ModelInfer, too_big, then=serving)
+    assert f"{MAX_MESSAGE} bytes" in details
+    assert logits_of(fast_stub.ModelInfer(plaintext_request(fits), timeout=TIMEOUT)).shape == (600, 10)
 
 
 # -- refusals: models, tensors, ciphertexts -----------------------------------------------------
@@ -371,12 +402,16 @@ def test_a_single_message_above_the_limit_is_refused_by_grpc(gateway, session):
 @pytest.mark.parametrize(("model", "version"), [("no-such-model", ""), (MNIST, "7"), (CANCER, "2")])
 def test_unknown_model_or_version_is_not_found(gateway, session, model, version):
     oip_stub, stub, _ = gateway.stubs()
+    fast_stub, _ = gateway.fast_path_stubs()
     ciphertext = session.keys.encrypt(mnist(1))
     upload = key_upload(model, b"\x00" * 1000)
     upload[0].header.model_version = version
     calls = [
         (oip_stub.ModelInfer, plaintext_request(model=model, version=version)),
         (oip_stub.ModelMetadata, oip.ModelMetadataRequest(name=model, version=version)),
+        (fast_stub.ModelInfer, plaintext_request(model=model, version=version)),
+        (fast_stub.ModelMetadata, oip.ModelMetadataRequest(name=model, version=version)),
+        (fast_stub.ModelReady, oip.ModelReadyRequest(name=model, version=version)),
         (stub.Infer, infer_request(model, session.key_id, ciphertext, version=version)),
         (stub.GetEncryptionSpec, hv1.GetEncryptionSpecRequest(model_name=model, model_version=version)),
         (stub.RegisterKeys, iter(upload)),
@@ -408,9 +443,10 @@ BAD_TENSORS = {
 }
 
 
+@pytest.mark.parametrize("front", FRONTS)
 @pytest.mark.parametrize("case", BAD_TENSORS)
-def test_bad_tensors_are_invalid_arguments(gateway, case):
-    stub, _, _ = gateway.stubs()
+def test_bad_tensors_are_invalid_arguments(gateway, case, front):
+    stub = gateway.oip_stub(front)
     request = plaintext_request(**BAD_TENSORS[case])
     details = refused(grpc.StatusCode.INVALID_ARGUMENT, stub.ModelInfer, request, then=partial(assert_serving, gateway))
     assert details and "internal" not in details
@@ -625,10 +661,15 @@ def test_galois_keys_in_place_of_the_relinearization_key_are_refused_before_they
 )
 def test_calls_without_a_valid_api_key_are_unauthenticated(auth_gateway, metadata, message):
     oip_stub, stub, health = auth_gateway.stubs()
-    assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT).status == SERVING  # no key
+    fast_stub, fast_health = auth_gateway.fast_path_stubs()
+    for checker in (health, fast_health):
+        assert checker.Check(health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT).status == SERVING  # no key
     calls = [
         (oip_stub.ModelInfer, plaintext_request()),
         (oip_stub.ServerLive, oip.ServerLiveRequest()),
+        (fast_stub.ModelInfer, plaintext_request()),
+        (fast_stub.ServerLive, oip.ServerLiveRequest()),
+        (fast_stub.ModelMetadata, oip.ModelMetadataRequest(name=MNIST)),
         (stub.ListModels, hv1.ListModelsRequest()),
         (stub.GetEncryptionSpec, hv1.GetEncryptionSpecRequest(model_name=CANCER)),
         (stub.Infer, infer_request(CANCER, UNKNOWN_KEY_ID, b"\x00" * 64)),
@@ -641,6 +682,7 @@ def test_calls_without_a_valid_api_key_are_unauthenticated(auth_gateway, metadat
         assert message in details
     bearer = (("authorization", f"Bearer {BOB}"),)
     assert stub.ListModels(hv1.ListModelsRequest(), metadata=bearer, timeout=TIMEOUT).models
+    assert fast_stub.ServerLive(oip.ServerLiveRequest(), metadata=bearer, timeout=TIMEOUT).live
 
 
 # -- load, deadlines, crashes, shutdown -------------------------------------------------------
@@ -796,9 +838,12 @@ def test_metrics_count_requests_by_model_path_and_status(gateway, client, sessio
     session.predict(mnist(1))
     stub, _, _ = gateway.stubs()
     refused(grpc.StatusCode.INVALID_ARGUMENT, stub.ModelInfer, plaintext_request(datatype="FP64"))
+    fast_stub, _ = gateway.fast_path_stubs()
+    fast_stub.ModelInfer(plaintext_request(), timeout=TIMEOUT)
+    refused(grpc.StatusCode.INVALID_ARGUMENT, fast_stub.ModelInfer, plaintext_request(datatype="FP64"))
     after = gateway.metrics()
-    assert count(after, "plaintext", "OK") == count(before, "plaintext", "OK") + 1
+    assert count(after, "plaintext", "OK") == count(before, "plaintext", "OK") + 2
     assert count(after, "encrypted", "OK") == count(before, "encrypted", "OK") + 1
-    assert count(after, "plaintext", "INVALID_ARGUMENT") == count(before, "plaintext", "INVALID_ARGUMENT") + 1
+    assert count(after, "plaintext", "INVALID_ARGUMENT") == count(before, "plaintext", "INVALID_ARGUMENT") + 2
     assert metric(after, "hegate_registered_key_bytes") >= session.key_bytes
     assert "hegate_queue_seconds" in after and "hegate_compute_seconds" in after

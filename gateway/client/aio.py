@@ -41,14 +41,18 @@ class AsyncHegateClient:
 
     def __init__(self, target: str = "127.0.0.1:8001", **options) -> None:
         self.options = ClientOptions(target=target, **options)
-        credentials = self.options.credentials()
-        if credentials is None:
-            self.channel = grpc.aio.insecure_channel(target, options=self.options.channel_options)
-        else:
-            self.channel = grpc.aio.secure_channel(target, credentials, options=self.options.channel_options)
-        self._oip = oip_grpc.GRPCInferenceServiceStub(self.channel)
+        self.channel = self._open(target)
+        fast = self.options.fast_path_target
+        self._fast_channel = self._open(fast) if fast else None
+        self._oip = oip_grpc.GRPCInferenceServiceStub(self._fast_channel or self.channel)
         self._hegate = hv1_grpc.EncryptedInferenceStub(self.channel)
         self._index: ModelIndex | None = None
+
+    def _open(self, target: str) -> grpc.aio.Channel:
+        credentials = self.options.credentials()
+        if credentials is None:
+            return grpc.aio.insecure_channel(target, options=self.options.channel_options)
+        return grpc.aio.secure_channel(target, credentials, options=self.options.channel_options)
 
     async def _call(self, method, request):
         with translated_errors():
@@ -88,6 +92,8 @@ class AsyncHegateClient:
 
     async def close(self) -> None:
         await self.channel.close()
+        if self._fast_channel is not None:
+            await self._fast_channel.close()
 
     async def __aenter__(self) -> AsyncHegateClient:
         return self

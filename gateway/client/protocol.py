@@ -32,6 +32,9 @@ class ClientOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     target: str = "127.0.0.1:8001"
+    fast_path_target: str | None = Field(
+        default=None, description="the gateway's fast path (host:port): plaintext calls go there"
+    )
     api_key: str | None = None
     tls_ca_file: Path | None = Field(default=None, description="PEM CA that signed the server; enables TLS")
     tls_cert_file: Path | None = Field(default=None, description="client certificate, for mutual TLS")

@@ -1,10 +1,12 @@
-"""One gateway: the models, the key registry, the workers and the grpc.aio server, started and
-stopped together.
+"""One gateway: the models, the key registry, the workers, the grpc.aio server and the fast
+path, started and stopped together.
 
 Start: load and compile every model, start the workers (each loads the encrypted plans), open
-the gRPC port (Open Inference Protocol, hegate.v1, health, reflection) and the metrics port.
-Stop (SIGTERM, SIGINT or :meth:`Gateway.stop`): health turns NOT_SERVING, the server stops
-accepting calls and gives in-flight ones ``grace_seconds`` to finish, then the workers stop.
+the gRPC port (Open Inference Protocol, hegate.v1, health, reflection), the fast path port (the
+Open Inference Protocol and health checks on :mod:`gateway.fastpath`, the same servicers) and
+the metrics port. Stop (SIGTERM, SIGINT or :meth:`Gateway.stop`): health turns NOT_SERVING, both
+servers stop accepting calls and give in-flight ones ``grace_seconds`` to finish, then the
+workers stop.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gateway.api import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc, hegate_v1_pb2, hegate_v1_pb2_grpc
+from gateway.fastpath import FastPathServer, routes
+from gateway.fastpath.connection import Limits
 from gateway.keystore import InMemoryKeyStore
-from gateway.server.auth import ApiKeyInterceptor
+from gateway.server.auth import ApiKeyInterceptor, Tenants
 from gateway.server.encrypted import EncryptedServicer, stored_keys
 from gateway.server.inference import InferenceServicer
 from gateway.server.metrics import GatewayMetrics
@@ -56,6 +60,8 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.fast_path: FastPathServer | None = None
+        self.fast_path_port: int | None = None
         self._stopping = False
         self._stopped = asyncio.Event()
 
@@ -80,10 +86,10 @@ class Gateway:
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),  # a second gateway on the same port must fail, not share it
         ]
-        self.server = grpc.aio.server(interceptors=[ApiKeyInterceptor(settings.api_keys)], options=options)
-        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.store, self.metrics, max_batch=settings.max_batch, ready=self.ready), self.server
-        )
+        tenants = Tenants(settings.api_keys)
+        self.server = grpc.aio.server(interceptors=[ApiKeyInterceptor(tenants)], options=options)
+        inference = InferenceServicer(self.store, self.metrics, max_batch=settings.max_batch, ready=self.ready)
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, self.server)
         hegate_v1_pb2_grpc.add_EncryptedInferenceServicer_to_server(
             EncryptedServicer(self.store, self.keys, self.pool, self.metrics, queue_limit=settings.queue_limit),
             self.server,
@@ -98,6 +104,12 @@ class Gateway:
         else:
             self.port = self.server.add_secure_port(settings.address, credentials)
         await self.server.start()
+        if settings.fast_path_port is not None:
+            table = routes(inference, grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"])
+            table |= routes(self.health, health_pb2.DESCRIPTOR.services_by_name["Health"])
+            self.fast_path = FastPathServer(table, tenants, Limits(settings.max_message_bytes), settings.tls)
+            host = settings.address.rpartition(":")[0]
+            self.fast_path_port = await self.fast_path.start(f"{host}:{settings.fast_path_port}")
         for service in ("", *SERVICES):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         if settings.metrics_port is not None:
@@ -105,10 +117,11 @@ class Gateway:
             self.metrics_port = self.metrics.serve(settings.metrics_port, host)
         self._expiry = asyncio.get_running_loop().create_task(self._expire_keys())
         logger.info(
-            "hegate listening on %s (port %d, %s), %d models (%d encrypted), %d workers, metrics on %s",
+            "hegate listening on %s (port %d, %s; fast path port %s), %d models (%d encrypted), %d workers, metrics %s",
             settings.address,
             self.port,
             "TLS" if credentials else "plaintext transport",
+            self.fast_path_port,
             len(self.store.models()),
             len(self.store.worker_models()),
             settings.workers,
@@ -132,7 +145,8 @@ class Gateway:
         logger.info("stopping: finishing in-flight requests (grace %.1f s)", self.settings.grace_seconds)
         await self.health.enter_graceful_shutdown()
         self._expiry.cancel()
-        await self.server.stop(self.settings.grace_seconds)
+        servers = [self.server, *([self.fast_path] if self.fast_path else [])]
+        await asyncio.gather(*(server.stop(self.settings.grace_seconds) for server in servers))
         await self.pool.close()
         self.metrics.close()
         self._stopped.set()

@@ -14,6 +14,8 @@ import hmac
 
 import grpc
 
+from models.errors import UnauthenticatedError
+
 ANONYMOUS = "anonymous"
 API_KEY_HEADER = "x-api-key"
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -35,8 +37,8 @@ def presented_key(metadata) -> str | None:
     return None
 
 
-class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Maps each call's API key to its tenant, or refuses the call."""
+class Tenants:
+    """API keys to tenants: admits a call as its tenant, or refuses it."""
 
     def __init__(self, api_keys: dict[str, str]) -> None:
         self._keys = dict(api_keys)
@@ -51,15 +53,32 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
                 return tenant
         return None
 
-    async def intercept_service(self, continuation, handler_call_details):
-        if handler_call_details.method.startswith(OPEN_SERVICES):
-            return await continuation(handler_call_details)
-        key = presented_key(handler_call_details.invocation_metadata)
+    def admit(self, method: str, metadata) -> None:
+        """Make the call's tenant the current one (open services need none).
+
+        Raises:
+            UnauthenticatedError: no key, or one the configuration does not know.
+        """
+        if method.startswith(OPEN_SERVICES):
+            return
+        key = presented_key(metadata)
         tenant = self._tenant_for(key)
         if tenant is None:
-            message = "missing API key (x-api-key header)" if key is None else "unknown API key"
-            return _refusal(await continuation(handler_call_details), message)
+            raise UnauthenticatedError("missing API key (x-api-key header)" if key is None else "unknown API key")
         _tenant.set(tenant)
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """:meth:`Tenants.admit` for every call of the grpc.aio server."""
+
+    def __init__(self, tenants: Tenants) -> None:
+        self._tenants = tenants
+
+    async def intercept_service(self, continuation, handler_call_details):
+        try:
+            self._tenants.admit(handler_call_details.method, handler_call_details.invocation_metadata)
+        except UnauthenticatedError as exc:
+            return _refusal(await continuation(handler_call_details), str(exc))
         return await continuation(handler_call_details)
 
 

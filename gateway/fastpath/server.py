@@ -1,0 +1,159 @@
+"""The fast path's server: hegate's own asyncio HTTP/2 listener for unary gRPC methods.
+
+Why a second server beside grpc.aio: a grpc.aio server that does nothing at all still spends
+about 0.23 ms of CPU per call on this kind of machine, more than the whole plaintext inference
+(7-100 us), because every event crosses from gRPC's C-core threads to the event loop. Serving
+the Open Inference Protocol straight from an asyncio protocol removes that hop and leaves the
+same servicers to do the work (``bench/results/peer.md`` measures both).
+
+What it serves is a fixed table of unary methods, each the same servicer method that grpc.aio
+serves, called with a :class:`FastPathContext` in place of grpc.aio's. API keys, TLS (mutual
+too) and the message size limit are the gateway's own settings; streaming methods, compression
+and anything not in the table get a gRPC status, never a dropped connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.message_factory import GetMessageClass
+
+from gateway.fastpath.connection import Http2Connection, Limits, Reply, Request
+from gateway.fastpath.frames import CompressedMessageError, grpc_message, parse_timeout
+from gateway.server.auth import Tenants
+from gateway.settings import TlsSettings
+from models.errors import UnauthenticatedError
+
+logger = logging.getLogger(__name__)
+
+
+class FastPathAbort(grpc.aio.AbortError):
+    """Raised by :meth:`FastPathContext.abort`; a grpc.aio abort, so servicer wrappers let it pass."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class FastPathContext:
+    """The part of ``grpc.aio.ServicerContext`` that hegate's unary servicers use."""
+
+    def __init__(self, metadata: list[tuple[str, str]], deadline: float | None) -> None:
+        self._metadata = tuple(metadata)
+        self._deadline = deadline
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def time_remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
+        raise FastPathAbort(code, details)
+
+
+@dataclass(frozen=True)
+class Route:
+    parse: Callable[[bytes], Message]
+    method: Callable[[Message, FastPathContext], Awaitable[Message]]
+
+
+def routes(servicer: object, service: ServiceDescriptor) -> dict[str, Route]:
+    """``/package.Service/Method`` -> the servicer's method, for each unary-unary method of ``service``."""
+    return {
+        f"/{service.full_name}/{method.name}": Route(
+            GetMessageClass(method.input_type).FromString, getattr(servicer, method.name)
+        )
+        for method in service.methods
+        if not method.client_streaming and not method.server_streaming
+    }
+
+
+def server_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
+    """TLS 1.2+ offering only ``h2``; with a client CA, a client certificate is required."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(tls.cert_file, tls.key_file)
+    context.set_alpn_protocols(["h2"])
+    if tls.client_ca_file is not None:
+        context.load_verify_locations(tls.client_ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+class FastPathServer:
+    """``await start(address)`` returns the port; ``await stop(grace)`` finishes in-flight calls."""
+
+    def __init__(self, table: dict[str, Route], tenants: Tenants, limits: Limits, tls: TlsSettings | None) -> None:
+        self._table = table
+        self._tenants = tenants
+        self._limits = limits
+        self._ssl = server_ssl_context(tls) if tls is not None else None
+        self._connections: set[Http2Connection] = set()
+
+    async def start(self, address: str) -> int:
+        host, _, port = address.rpartition(":")
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: Http2Connection(self.handle, self._limits, self._connections),
+            host.strip("[]"),
+            int(port),
+            ssl=self._ssl,
+            reuse_address=True,
+        )
+        return self._server.sockets[0].getsockname()[1]
+
+    async def handle(self, request: Request) -> Reply:
+        """One call, start to end: route, admit, parse, run; every failure becomes a status."""
+        route = self._table.get(request.path)
+        if route is None:
+            return Reply(grpc.StatusCode.UNIMPLEMENTED, f"{request.path} is not served on the fast path")
+        try:
+            deadline = None if request.timeout is None else time.monotonic() + parse_timeout(request.timeout)
+            self._tenants.admit(request.path, request.metadata)
+            message = route.parse(grpc_message(request.body))
+        except UnauthenticatedError as exc:
+            return Reply(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        except CompressedMessageError as exc:
+            return Reply(grpc.StatusCode.UNIMPLEMENTED, str(exc))
+        except (ValueError, DecodeError) as exc:
+            return Reply(grpc.StatusCode.INVALID_ARGUMENT, f"bad request: {exc}")
+        try:
+            async with asyncio.timeout_at(None if deadline is None else _loop_time(deadline)):
+                response = await route.method(message, FastPathContext(request.metadata, deadline))
+            return Reply(body=response.SerializeToString())
+        except FastPathAbort as exc:
+            return Reply(exc.code, exc.details)
+        except TimeoutError:
+            return Reply(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        except Exception:
+            logger.exception("fast path: %s failed", request.path)
+            return Reply(grpc.StatusCode.INTERNAL, "internal error; it has been logged")
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting, send GOAWAY, give open calls ``grace`` seconds, then drop what is left."""
+        self._server.close()
+        for connection in list(self._connections):
+            connection.go_away()
+        if self._connections:
+            waits = [asyncio.ensure_future(c.idle.wait()) for c in self._connections]
+            _, pending = await asyncio.wait(waits, timeout=grace)
+            for wait in pending:
+                wait.cancel()
+        for connection in list(self._connections):
+            connection.abort()
+        await self._server.wait_closed()
+
+
+def _loop_time(deadline: float) -> float:
+    """A ``time.monotonic`` instant on the event loop's clock."""
+    return asyncio.get_running_loop().time() + (deadline - time.monotonic())

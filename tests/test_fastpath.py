@@ -1,0 +1,447 @@
+"""The fast path's HTTP/2 server on its own: wire rules, stock gRPC clients, and hostile peers.
+
+The server runs in a thread with its own event loop and a test servicer whose behaviour each
+request picks through its ``id``; calls come from grpcio's C-core client (the one tritonclient
+uses) and, for what no well-behaved client sends, from raw HTTP/2 bytes on a socket. After every
+hostile connection a stock client must still get its answer: one peer cannot harm another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import unquote
+
+import grpc
+import hpack
+import pytest
+
+from gateway.api import grpc_predict_v2_pb2 as oip
+from gateway.fastpath.connection import Limits
+from gateway.fastpath.frames import (
+    PREFACE,
+    RESPONSE_HEADERS,
+    CompressedMessageError,
+    ErrorCode,
+    Flag,
+    Frame,
+    encode_headers,
+    frame,
+    grpc_message,
+    message_prefix,
+    parse_timeout,
+    trailers,
+)
+from gateway.fastpath.server import FastPathServer, Route
+from gateway.server.auth import Tenants, current_tenant
+
+METHOD = "/inference.GRPCInferenceService/ModelInfer"
+LIVE = "/inference.GRPCInferenceService/ServerLive"
+TIMEOUT = 20.0
+MAX_MESSAGE = 4 << 20
+
+
+# -- the wire rules ---------------------------------------------------------------------------
+
+
+def test_response_headers_and_trailers_decode_with_a_standard_hpack_decoder():
+    decoder = hpack.Decoder()
+    assert decoder.decode(RESPONSE_HEADERS) == [(":status", "200"), ("content-type", "application/grpc")]
+    message = "unknown model 'ü'; 100% sure\nsecond line " + "x" * 300  # non-ASCII, %, newline, > 127 bytes
+    decoded = dict(decoder.decode(trailers(grpc.StatusCode.NOT_FOUND, message)))
+    assert decoded["grpc-status"] == "5"
+    assert unquote(decoded["grpc-message"]) == message
+    assert all(32 <= ord(c) < 127 for c in decoded["grpc-message"])  # percent-encoded, as gRPC's spec asks
+    assert decoder.decode(encode_headers([("a" * 200, "b" * 7_000)])) == [("a" * 200, "b" * 7_000)]
+    assert len(decoder.header_table.dynamic_entries) == 0  # literals without indexing: no state
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("100m", 0.1), ("5S", 5.0), ("2H", 7200.0), ("99999999n", 0.099999999)])
+def test_grpc_timeouts_parse(value, seconds):
+    assert parse_timeout(value) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("value", ["", "5", "S", "123456789S", "10x", "-5S", "1.5S"])
+def test_malformed_grpc_timeouts_are_refused(value):
+    with pytest.raises(ValueError, match="grpc-timeout"):
+        parse_timeout(value)
+
+
+def test_a_unary_body_holds_exactly_one_uncompressed_message():
+    assert grpc_message(message_prefix(3) + b"abc") == b"abc"
+    assert grpc_message(message_prefix(0)) == b""
+    for body in (b"", b"\x00\x00", message_prefix(4) + b"abc", message_prefix(2) + b"abc"):
+        with pytest.raises(ValueError):
+            grpc_message(body)
+    with pytest.raises(CompressedMessageError):
+        grpc_message(b"\x01" + struct.pack(">I", 3) + b"abc")
+
+
+# -- a server to talk to ----------------------------------------------------------------------
+
+
+class Behaviour:
+    """ModelInfer answers as its request ``id`` says; the log records what the handlers saw."""
+
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+        self.tenants: list[str] = []
+
+    async def ModelInfer(self, request, context):
+        kind, _, argument = request.id.partition(":")
+        if kind == "echo":
+            return oip.ModelInferResponse(id=request.id, raw_output_contents=list(request.raw_input_contents))
+        if kind == "big":
+            return oip.ModelInferResponse(id=request.id, raw_output_contents=[b"\x07" * int(argument)])
+        if kind == "sleep":
+            await asyncio.sleep(float(argument))
+            return oip.ModelInferResponse(id=request.id)
+        if kind == "hang":
+            try:
+                await asyncio.sleep(60)
+            finally:
+                self.cancelled.set()
+        if kind == "abort":
+            await context.abort(grpc.StatusCode.NOT_FOUND, argument)
+        if kind == "tenant":
+            self.tenants.append(current_tenant())
+            return oip.ModelInferResponse(id=current_tenant())
+        raise RuntimeError("a secret detail that must not reach the caller")
+
+    async def ServerLive(self, request, context):
+        return oip.ServerLiveResponse(live=True)
+
+
+class Running:
+    """A :class:`FastPathServer` on a loopback port, in a thread with its own event loop."""
+
+    def __init__(self, behaviour: Behaviour, *, api_keys: dict[str, str] | None = None, **limits) -> None:
+        table = {
+            METHOD: Route(oip.ModelInferRequest.FromString, behaviour.ModelInfer),
+            LIVE: Route(oip.ServerLiveRequest.FromString, behaviour.ServerLive),
+        }
+        self.server = FastPathServer(table, Tenants(api_keys or {}), Limits(MAX_MESSAGE, **limits), None)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.port = self.call(self.server.start("127.0.0.1:0"))
+        self.target = f"127.0.0.1:{self.port}"
+
+    def call(self, coroutine, timeout: float = TIMEOUT):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def stop(self, grace: float = 1.0) -> None:
+        self.call(self.server.stop(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(TIMEOUT)
+
+
+@pytest.fixture
+def behaviour() -> Behaviour:
+    return Behaviour()
+
+
+@pytest.fixture
+def running(behaviour) -> Iterator[Running]:
+    server = Running(behaviour, max_streams=64)
+    yield server
+    server.stop()
+
+
+def stub(target: str, **options):
+    channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", -1)])
+    return channel, channel.unary_unary(
+        METHOD,
+        request_serializer=oip.ModelInferRequest.SerializeToString,
+        response_deserializer=oip.ModelInferResponse.FromString,
+    )
+
+
+def infer(target: str, id: str, *, raw: list[bytes] = (), **kwargs) -> oip.ModelInferResponse:
+    channel, call = stub(target)
+    with channel:
+        return call(oip.ModelInferRequest(id=id, raw_input_contents=raw), timeout=TIMEOUT, **kwargs)
+
+
+def refused(target: str, id: str, code: grpc.StatusCode, **kwargs) -> str:
+    with pytest.raises(grpc.RpcError) as failure:
+        infer(target, id, **kwargs)
+    assert failure.value.code() == code, failure.value.details()
+    return failure.value.details()
+
+
+def assert_serving(server: Running) -> None:
+    assert infer(server.target, "echo", raw=[b"still here"]).raw_output_contents == [b"still here"]
+
+
+# -- stock clients ----------------------------------------------------------------------------
+
+
+def test_a_stock_client_gets_its_answers(running):
+    assert infer(running.target, "echo", raw=[b"a", b"bc"]).raw_output_contents == [b"a", b"bc"]
+    with grpc.insecure_channel(running.target) as channel:
+        live = channel.unary_unary(LIVE, response_deserializer=oip.ServerLiveResponse.FromString)
+        assert live(b"", timeout=TIMEOUT).live
+
+
+@pytest.mark.parametrize("size", [70_000, 1_000_000, 3_000_000])
+def test_messages_larger_than_a_frame_and_a_window_cross_whole_both_ways(running, size):
+    payload = bytes(range(256)) * (size // 256)
+    assert infer(running.target, "echo", raw=[payload]).raw_output_contents == [payload]
+    assert infer(running.target, f"big:{size}").raw_output_contents == [b"\x07" * size]
+
+
+def test_many_calls_at_once_on_one_connection_each_get_their_own_answer(running):
+    channel, call = stub(running.target)
+    with channel:
+        futures = [call.future(oip.ModelInferRequest(id=f"sleep:0.{i % 3}"), timeout=TIMEOUT) for i in range(48)]
+        futures += [call.future(oip.ModelInferRequest(id=f"big:{1000 * i}"), timeout=TIMEOUT) for i in range(48)]
+        answers = [f.result() for f in futures]
+    assert [a.id for a in answers[:48]] == [f"sleep:0.{i % 3}" for i in range(48)]
+    assert [len(a.raw_output_contents[0]) if a.raw_output_contents else 0 for a in answers[48:]] == [
+        1000 * i for i in range(48)
+    ]
+
+
+def test_calls_from_many_connections_at_once(running):
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda i: infer(running.target, "echo", raw=[str(i).encode()]), range(64)))
+    assert [r.raw_output_contents[0] for r in results] == [str(i).encode() for i in range(64)]
+
+
+# -- statuses ---------------------------------------------------------------------------------
+
+
+def test_an_abort_reaches_the_client_with_its_code_and_exact_message(running):
+    message = "model 'ü' not found: 100% sure"
+    assert refused(running.target, f"abort:{message}", grpc.StatusCode.NOT_FOUND) == message
+    assert_serving(running)
+
+
+def test_a_handler_bug_is_internal_without_its_details(running, caplog):
+    details = refused(running.target, "bug", grpc.StatusCode.INTERNAL)
+    assert "secret" not in details and "logged" in details
+    assert "a secret detail" in caplog.text  # the traceback is in the server's log
+    assert_serving(running)
+
+
+def test_an_unserved_method_is_unimplemented(running):
+    with grpc.insecure_channel(running.target) as channel, pytest.raises(grpc.RpcError) as failure:
+        channel.unary_unary("/hegate.v1.EncryptedInference/ListModels")(b"", timeout=TIMEOUT)
+    assert failure.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "not served on the fast path" in failure.value.details()
+
+
+def test_undecodable_bytes_are_an_invalid_argument(running):
+    with grpc.insecure_channel(running.target) as channel, pytest.raises(grpc.RpcError) as failure:
+        channel.unary_unary(METHOD)(b"\xff\xff\xff", timeout=TIMEOUT)
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert_serving(running)
+
+
+def test_a_message_above_the_limit_is_resource_exhausted_and_the_connection_lives_on(running):
+    channel, call = stub(running.target)
+    with channel:
+        with pytest.raises(grpc.RpcError) as failure:
+            call(oip.ModelInferRequest(id="echo", raw_input_contents=[b"\x00" * (MAX_MESSAGE + 1)]), timeout=TIMEOUT)
+        assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"{MAX_MESSAGE} bytes" in failure.value.details()
+        assert call(oip.ModelInferRequest(id="echo", raw_input_contents=[b"ok"]), timeout=TIMEOUT).raw_output_contents
+
+
+def test_the_server_stops_work_past_the_callers_deadline(running, behaviour):
+    with pytest.raises(grpc.RpcError) as failure:
+        channel, call = stub(running.target)
+        with channel:
+            call(oip.ModelInferRequest(id="hang"), timeout=0.3)
+    assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert behaviour.cancelled.wait(5)
+    assert_serving(running)
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [((), "missing API key"), ((("x-api-key", "wrong"),), "unknown API key")],
+)
+def test_api_keys_admit_tenants_and_refuse_the_rest(behaviour, metadata, message):
+    server = Running(behaviour, api_keys={"k1": "alice", "k2": "bob"})
+    try:
+        details = refused(server.target, "tenant", grpc.StatusCode.UNAUTHENTICATED, metadata=metadata)
+        assert message in details and behaviour.tenants == []
+        assert infer(server.target, "tenant", metadata=(("x-api-key", "k2"),)).id == "bob"
+        assert infer(server.target, "tenant", metadata=(("authorization", "Bearer k1"),)).id == "alice"
+    finally:
+        server.stop()
+
+
+# -- stopping ---------------------------------------------------------------------------------
+
+
+def test_stop_lets_calls_in_flight_finish_and_refuses_new_ones(behaviour):
+    server = Running(behaviour)
+    channel, call = stub(server.target)
+    with channel:
+        slow = call.future(oip.ModelInferRequest(id="sleep:0.5"), timeout=TIMEOUT)
+        time.sleep(0.2)
+        started = time.monotonic()
+        server.stop(grace=5.0)
+        assert slow.result().id == "sleep:0.5"
+        assert time.monotonic() - started < 4.0
+    with pytest.raises(grpc.RpcError) as failure:
+        infer(server.target, "echo")
+    assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_stop_drops_calls_that_outlive_the_grace_period(behaviour):
+    server = Running(behaviour)
+    channel, call = stub(server.target)
+    with channel:
+        hanging = call.future(oip.ModelInferRequest(id="hang"), timeout=TIMEOUT)
+        time.sleep(0.2)
+        started = time.monotonic()
+        server.stop(grace=0.3)
+        assert time.monotonic() - started < 3.0
+        with pytest.raises(grpc.RpcError) as failure:
+            hanging.result()
+    assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert behaviour.cancelled.wait(5)
+
+
+# -- hostile peers: raw HTTP/2 --------------------------------------------------------------
+
+
+class Peer:
+    """A raw HTTP/2 client: frames out, frames in, nothing checked unless the test checks it."""
+
+    def __init__(self, port: int) -> None:
+        self.socket = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.encoder = hpack.Encoder()
+        self.decoder = hpack.Decoder()
+        self.buffer = b""
+
+    def send(self, data: bytes) -> None:
+        self.socket.sendall(data)
+
+    def start(self) -> Peer:
+        self.send(PREFACE + frame(Frame.SETTINGS, 0, 0))
+        return self
+
+    def headers(self, stream: int, *, end_stream: bool = False, content_type: str = "application/grpc") -> bytes:
+        block = self.encoder.encode(
+            [(":method", "POST"), (":scheme", "http"), (":path", METHOD), (":authority", "x"),
+             ("content-type", content_type), ("te", "trailers")]
+        )  # fmt: skip
+        return frame(Frame.HEADERS, Flag.END_HEADERS | (Flag.END_STREAM if end_stream else 0), stream, block)
+
+    def frames(self) -> Iterator[tuple[int, int, int, bytes]]:
+        """Frames as they arrive, until the server closes the connection."""
+        while True:
+            while len(self.buffer) >= 9:
+                length = int.from_bytes(self.buffer[:3], "big")
+                if len(self.buffer) < 9 + length:
+                    break
+                kind, flags, stream = self.buffer[3], self.buffer[4], int.from_bytes(self.buffer[5:9], "big")
+                payload, self.buffer = self.buffer[9 : 9 + length], self.buffer[9 + length :]
+                yield kind, flags, stream, payload
+            try:
+                data = self.socket.recv(65536)
+            except (TimeoutError, ConnectionResetError):
+                return
+            if not data:
+                return
+            self.buffer += data
+
+    def wait_for(self, kind: Frame, stream: int | None = None) -> tuple[int, bytes]:
+        for got, flags, on, payload in self.frames():
+            if got == kind and (stream is None or on == stream):
+                return flags, payload
+        raise AssertionError(f"the server closed without sending {kind.name}")
+
+    def goaway_code(self) -> ErrorCode:
+        _, payload = self.wait_for(Frame.GOAWAY)
+        return ErrorCode(int.from_bytes(payload[4:8], "big"))
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+@pytest.fixture
+def peer(running) -> Iterator[Peer]:
+    connection = Peer(running.port)
+    yield connection
+    connection.close()
+    assert_serving(running)  # whatever this peer did, other clients are served
+
+
+def test_a_connection_that_is_not_http2_is_closed(peer):
+    peer.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert peer.goaway_code() == ErrorCode.PROTOCOL_ERROR
+    assert peer.socket.recv(1) == b""  # and hung up
+
+
+def test_an_oversized_frame_ends_the_connection_with_frame_size_error(peer):
+    peer.start().send(peer.headers(1) + struct.pack(">I", 20_000)[1:] + bytes([Frame.DATA, 0]) + struct.pack(">I", 1))
+    assert peer.goaway_code() == ErrorCode.FRAME_SIZE_ERROR
+
+
+def test_a_call_that_is_not_grpc_gets_http_415(peer):
+    peer.start().send(peer.headers(1, end_stream=True, content_type="application/json"))
+    _, block = peer.wait_for(Frame.HEADERS, stream=1)
+    assert peer.decoder.decode(block) == [(":status", "415")]
+
+
+def test_streams_beyond_the_limit_are_refused_and_the_others_served(behaviour):
+    server = Running(behaviour, max_streams=2)
+    peer = Peer(server.port).start()
+    try:
+        peer.send(peer.headers(1) + peer.headers(3) + peer.headers(5))
+        _, payload = peer.wait_for(Frame.RST_STREAM, stream=5)
+        assert ErrorCode(int.from_bytes(payload, "big")) == ErrorCode.REFUSED_STREAM
+        body = oip.ModelInferRequest(id="echo").SerializeToString()
+        peer.send(frame(Frame.DATA, Flag.END_STREAM, 1, message_prefix(len(body)) + body))
+        _, block = peer.wait_for(Frame.HEADERS, stream=1)
+        assert peer.decoder.decode(block) == [(":status", "200"), ("content-type", "application/grpc")]
+    finally:
+        peer.close()
+        server.stop()
+
+
+def test_a_flood_of_resets_ends_the_connection(peer):
+    peer.start()
+    data = b"".join(
+        peer.headers(stream) + frame(Frame.RST_STREAM, 0, stream, struct.pack(">I", ErrorCode.CANCEL))
+        for stream in range(1, 2 * 1500, 2)
+    )
+    peer.send(data)
+    assert peer.goaway_code() == ErrorCode.ENHANCE_YOUR_CALM
+
+
+def test_a_header_block_that_never_ends_is_cut_off(peer):
+    continuation = frame(Frame.CONTINUATION, 0, 1, b"\x00" * 16_000)
+    peer.start().send(frame(Frame.HEADERS, 0, 1, b"\x00" * 100) + continuation + continuation)
+    assert peer.goaway_code() == ErrorCode.ENHANCE_YOUR_CALM
+
+
+def test_a_compressed_message_is_unimplemented(peer):
+    """No ``grpc-accept-encoding`` is offered, so a well-behaved client never compresses; one that
+    does is told so."""
+    body = oip.ModelInferRequest(id="echo").SerializeToString()
+    peer.start().send(
+        peer.headers(1) + frame(Frame.DATA, Flag.END_STREAM, 1, b"\x01" + struct.pack(">I", len(body)) + body)
+    )
+    _, block = peer.wait_for(Frame.HEADERS, stream=1)
+    answer = dict(peer.decoder.decode(block))
+    assert answer["grpc-status"] == str(grpc.StatusCode.UNIMPLEMENTED.value[0])
+    assert "compressed" in unquote(answer["grpc-message"])
+
+
+def test_a_peer_that_vanishes_mid_call_harms_nobody(peer):
+    body = oip.ModelInferRequest(id="sleep:0.2").SerializeToString()
+    peer.start().send(peer.headers(1) + frame(Frame.DATA, 0, 1, message_prefix(len(body) + 100) + body))
+    peer.send(peer.headers(3) + frame(Frame.DATA, Flag.END_STREAM, 3, message_prefix(len(body)) + body))
+    peer.close()
