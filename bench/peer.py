@@ -39,10 +39,13 @@ level and server; each row is its own run, beside hegate's figures of that run):
     1 (its default)   off        844, 1.177 ms          1,443, 22.6 ms           1,975 / 5,317
     2                 off        814, 1.220 ms          1,647, 18.3 ms           1,966 / 5,085
 
-A third server, the floor (:mod:`bench.floor`), answers every call with a fixed pre-serialized
+hegate is loaded on both of its fronts, as two sides with their own generators: ``hegate``, its
+plaintext fast path (:mod:`gateway.fastpath`, the port that trusted plaintext callers use), which
+the targets are checked on, and ``hegate-aio``, the same servicer behind its grpc.aio port. A
+fourth server, the floor (:mod:`bench.floor`), answers every call with a fixed pre-serialized
 response through a bare grpc.aio generic handler; it gets the same windows. Its ratios over
-MLServer bound what any Python grpc.aio server can reach here, hegate included: the distance
-between hegate and the floor is what server code can still win; the rest is gRPC's.
+MLServer bound what any Python grpc.aio server can reach here (hegate-aio and MLServer included),
+which is why the fast path leaves grpc.aio out.
 
 Results go to ``bench/results/peer.{json,md}``.
 """
@@ -448,7 +451,9 @@ def markdown(result: dict) -> str:
         f"`{result['command']}` on {result['date']}, {result['machine']}; load average "
         f"{result['load_average_at_start']} at the start{QUICK_NOTE if result['quick'] else ''}. "
         f"{result['model']} (its `model.onnx`) served by hegate's plaintext path (`hegate serve`, "
-        f"{HEGATE_WORKERS} encrypted worker) and by {result['mlserver']['version']} with our onnxruntime runtime "
+        f"{HEGATE_WORKERS} encrypted worker; row hegate: its fast path, the Open Inference Protocol on hegate's own "
+        "asyncio HTTP/2 server; row hegate-aio: the same servicer on its grpc.aio port) and by "
+        f"{result['mlserver']['version']} with our onnxruntime runtime "
         f"(`{RUNTIME}`, 1 thread; parallel_workers {config['parallel_workers']}, metrics "
         f"{'on' if config['metrics'] else 'off'}, debug off), both over gRPC on loopback, on the same "
         f"{result['agreement']['requests']} serialized `ModelInferRequest`s (batch 1, `raw_input_contents`). "
@@ -479,8 +484,9 @@ def markdown(result: dict) -> str:
                 f"| {r['generator_cpu_cores']} | {r['other_cpu_cores']} |"
             )
     a = result["agreement"]
+    levels = result["levels"]
     lines.append("")
-    for row in result["levels"]:
+    for row in levels:
         h, m = (row[name] for name in ("hegate", "mlserver"))
         lines.append(
             f"- At {row['in_flight']} in flight each request cost hegate {h['server_cpu_ms_per_request']} ms of CPU "
@@ -489,6 +495,13 @@ def markdown(result: dict) -> str:
             f"threads (the event loops) were busy {h['server_main_thread_cpu_cores']} and "
             f"{m['server_main_thread_cpu_cores']} of the time."
         )
+    if "hegate-aio" in names:
+        lines += [
+            "",
+            "| in flight | hegate-aio / MLServer throughput | hegate-aio / MLServer p50 |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {row['in_flight']} | {row['aio_throughput_ratio']} | {row['aio_p50_ratio']} |" for row in levels]
     lines += [
         "",
         f"Before the load, each server answered the {a['requests']} requests once: the same output "
@@ -511,7 +524,8 @@ def markdown(result: dict) -> str:
             "## The floor: a grpc.aio server that does nothing (`bench/floor.py`)",
             "",
             "The same windows against a bare grpc.aio generic handler that answers every call with hegate's "
-            "pre-serialized response (no parsing, no model): what gRPC alone costs a Python server here.",
+            "pre-serialized response (no parsing, no model): what gRPC alone costs a Python grpc.aio server here, "
+            "and the reason for the fast path (hegate's row), which is not bound by it.",
             "",
             "| in flight | floor / MLServer throughput | floor / MLServer p50 | hegate / floor throughput "
             "| hegate / floor p50 |",

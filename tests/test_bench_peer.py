@@ -247,6 +247,10 @@ def test_a_level_reports_hegate_and_the_floor_over_mlserver():
     assert peer._ratios(rows, "hegate") == {"throughput_ratio": 3.0, "p50_ratio": 0.5}
     assert peer._ratios(rows, "floor", prefix="floor_") == {"floor_throughput_ratio": 4.0, "floor_p50_ratio": 0.25}
     assert peer._ratios({"mlserver": rows["mlserver"]}, "floor", prefix="floor_") == {}
-    level = {"in_flight": 1, **rows, **peer._ratios(rows, "hegate"), **peer._ratios(rows, "floor", prefix="floor_")}
+    rows["hegate-aio"] = peer.pooled([_window(150, 1.0, 0.003)])
+    ratios = peer._ratios(rows, "hegate") | peer._ratios(rows, "floor", prefix="floor_")
+    level = {"in_flight": 1, **rows, **ratios, **peer._ratios(rows, "hegate-aio", prefix="aio_")}
+    assert level["aio_throughput_ratio"] == 1.5 and level["aio_p50_ratio"] == 0.75
     text = peer.markdown(_report([level], []))
     assert "| 1 | floor | 400 |" in text and "| 1 | 4.0 | 0.25 | 0.75 | 2.00 |" in text
+    assert "| 1 | hegate-aio | 150 |" in text and "| 1 | 1.5 | 0.75 |" in text
