@@ -9,10 +9,12 @@ hostile connection a stock client must still get its answer: one peer cannot har
 from __future__ import annotations
 
 import asyncio
+import gzip
 import socket
 import struct
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import unquote
@@ -26,10 +28,11 @@ from gateway.fastpath.connection import Limits
 from gateway.fastpath.frames import (
     PREFACE,
     RESPONSE_HEADERS,
-    CompressedMessageError,
     ErrorCode,
     Flag,
     Frame,
+    MessageTooLargeError,
+    UnknownEncodingError,
     encode_headers,
     frame,
     grpc_message,
@@ -51,7 +54,11 @@ MAX_MESSAGE = 4 << 20
 
 def test_response_headers_and_trailers_decode_with_a_standard_hpack_decoder():
     decoder = hpack.Decoder()
-    assert decoder.decode(RESPONSE_HEADERS) == [(":status", "200"), ("content-type", "application/grpc")]
+    assert decoder.decode(RESPONSE_HEADERS) == [
+        (":status", "200"),
+        ("content-type", "application/grpc"),
+        ("grpc-accept-encoding", "identity,gzip,deflate"),
+    ]
     message = "unknown model 'ü'; 100% sure\nsecond line " + "x" * 300  # non-ASCII, %, newline, > 127 bytes
     decoded = dict(decoder.decode(trailers(grpc.StatusCode.NOT_FOUND, message)))
     assert decoded["grpc-status"] == "5"
@@ -59,6 +66,8 @@ def test_response_headers_and_trailers_decode_with_a_standard_hpack_decoder():
     assert all(32 <= ord(c) < 127 for c in decoded["grpc-message"])  # percent-encoded, as gRPC's spec asks
     assert decoder.decode(encode_headers([("a" * 200, "b" * 7_000)])) == [("a" * 200, "b" * 7_000)]
     assert len(decoder.header_table.dynamic_entries) == 0  # literals without indexing: no state
+    long = dict(decoder.decode(trailers(grpc.StatusCode.INTERNAL, "ü" * 5000)))["grpc-message"]
+    assert len(long) <= 2048 and unquote(long) == "ü" * (len(long) // 6)  # cut between escapes
 
 
 @pytest.mark.parametrize(("value", "seconds"), [("100m", 0.1), ("5S", 5.0), ("2H", 7200.0), ("99999999n", 0.099999999)])
@@ -72,14 +81,23 @@ def test_malformed_grpc_timeouts_are_refused(value):
         parse_timeout(value)
 
 
-def test_a_unary_body_holds_exactly_one_uncompressed_message():
-    assert grpc_message(message_prefix(3) + b"abc") == b"abc"
-    assert grpc_message(message_prefix(0)) == b""
+def test_a_unary_body_holds_exactly_one_message_compressed_or_not():
+    assert grpc_message(message_prefix(3) + b"abc", None, 100) == b"abc"
+    assert grpc_message(message_prefix(0), None, 100) == b""
     for body in (b"", b"\x00\x00", message_prefix(4) + b"abc", message_prefix(2) + b"abc"):
-        with pytest.raises(ValueError):
-            grpc_message(body)
-    with pytest.raises(CompressedMessageError):
-        grpc_message(b"\x01" + struct.pack(">I", 3) + b"abc")
+        with pytest.raises(ValueError, match="message"):
+            grpc_message(body, None, 100)
+    for encoding, packed in (("gzip", gzip.compress(b"abc" * 30)), ("deflate", zlib.compress(b"abc" * 30))):
+        body = b"\x01" + struct.pack(">I", len(packed)) + packed
+        assert grpc_message(body, encoding, 100) == b"abc" * 30
+        with pytest.raises(MessageTooLargeError):  # a bomb is inflated no further than the limit
+            grpc_message(body, encoding, 89)
+        with pytest.raises(ValueError, match="truncated"):
+            grpc_message(b"\x01" + struct.pack(">I", len(packed) - 4) + packed[:-4], encoding, 100)
+    with pytest.raises(ValueError, match="corrupt"):
+        grpc_message(b"\x01" + struct.pack(">I", 3) + b"abc", "gzip", 100)
+    with pytest.raises(UnknownEncodingError, match="snappy"):
+        grpc_message(b"\x01" + struct.pack(">I", 3) + b"abc", "snappy", 100)
 
 
 # -- a server to talk to ----------------------------------------------------------------------
@@ -331,10 +349,12 @@ class Peer:
         self.send(PREFACE + frame(Frame.SETTINGS, 0, 0))
         return self
 
-    def headers(self, stream: int, *, end_stream: bool = False, content_type: str = "application/grpc") -> bytes:
+    def headers(
+        self, stream: int, *, end_stream: bool = False, content_type: str = "application/grpc", extra=()
+    ) -> bytes:
         block = self.encoder.encode(
             [(":method", "POST"), (":scheme", "http"), (":path", METHOD), (":authority", "x"),
-             ("content-type", content_type), ("te", "trailers")]
+             ("content-type", content_type), ("te", "trailers"), *extra]
         )  # fmt: skip
         return frame(Frame.HEADERS, Flag.END_HEADERS | (Flag.END_STREAM if end_stream else 0), stream, block)
 
@@ -404,8 +424,7 @@ def test_streams_beyond_the_limit_are_refused_and_the_others_served(behaviour):
         assert ErrorCode(int.from_bytes(payload, "big")) == ErrorCode.REFUSED_STREAM
         body = oip.ModelInferRequest(id="echo").SerializeToString()
         peer.send(frame(Frame.DATA, Flag.END_STREAM, 1, message_prefix(len(body)) + body))
-        _, block = peer.wait_for(Frame.HEADERS, stream=1)
-        assert peer.decoder.decode(block) == [(":status", "200"), ("content-type", "application/grpc")]
+        assert status_of(peer, 1) == ("0", "")
     finally:
         peer.close()
         server.stop()
@@ -427,17 +446,98 @@ def test_a_header_block_that_never_ends_is_cut_off(peer):
     assert peer.goaway_code() == ErrorCode.ENHANCE_YOUR_CALM
 
 
-def test_a_compressed_message_is_unimplemented(peer):
-    """No ``grpc-accept-encoding`` is offered, so a well-behaved client never compresses; one that
-    does is told so."""
-    body = oip.ModelInferRequest(id="echo").SerializeToString()
+def status_of(peer: Peer, stream: int) -> tuple[str, str]:
+    """The gRPC status and message that end ``stream``."""
+    while True:
+        flags, block = peer.wait_for(Frame.HEADERS, stream=stream)
+        fields = dict(peer.decoder.decode(block))
+        if flags & Flag.END_STREAM:
+            return fields["grpc-status"], unquote(fields.get("grpc-message", ""))
+
+
+def test_gzip_messages_are_accepted_and_unknown_encodings_unimplemented(peer):
+    body = gzip.compress(oip.ModelInferRequest(id="echo", raw_input_contents=[b"zip" * 1000]).SerializeToString())
+    framed = b"\x01" + struct.pack(">I", len(body)) + body
     peer.start().send(
-        peer.headers(1) + frame(Frame.DATA, Flag.END_STREAM, 1, b"\x01" + struct.pack(">I", len(body)) + body)
+        peer.headers(1, extra=[("grpc-encoding", "gzip")]) + frame(Frame.DATA, Flag.END_STREAM, 1, framed)
     )
-    _, block = peer.wait_for(Frame.HEADERS, stream=1)
-    answer = dict(peer.decoder.decode(block))
-    assert answer["grpc-status"] == str(grpc.StatusCode.UNIMPLEMENTED.value[0])
-    assert "compressed" in unquote(answer["grpc-message"])
+    assert status_of(peer, 1) == ("0", "")
+    peer.send(peer.headers(3, extra=[("grpc-encoding", "snappy")]) + frame(Frame.DATA, Flag.END_STREAM, 3, framed))
+    code, message = status_of(peer, 3)
+    assert code == str(grpc.StatusCode.UNIMPLEMENTED.value[0]) and "identity,gzip,deflate" in message
+
+
+def test_a_stock_client_may_compress(running):
+    for _ in range(2):  # the second call knows the server's grpc-accept-encoding
+        answer = infer(running.target, "echo", raw=[b"z" * 10_000], compression=grpc.Compression.Gzip)
+        assert answer.raw_output_contents == [b"z" * 10_000]
+
+
+def test_a_request_that_never_finishes_arriving_is_refused_in_time(behaviour):
+    server = Running(behaviour, request_seconds=0.4)
+    peer = Peer(server.port).start()
+    try:
+        peer.send(peer.headers(1) + frame(Frame.DATA, 0, 1, message_prefix(100) + b"x" * 10))
+        code, message = status_of(peer, 1)
+        assert code == str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0]) and "0.4 s" in message
+        assert_serving(server)
+    finally:
+        peer.close()
+        server.stop()
+
+
+def test_an_idle_connection_is_closed(behaviour):
+    server = Running(behaviour, idle_seconds=0.4)
+    peer = Peer(server.port).start()
+    try:
+        _, payload = peer.wait_for(Frame.GOAWAY)
+        assert ErrorCode(int.from_bytes(payload[4:8], "big")) == ErrorCode.NO_ERROR and b"idle" in payload
+        assert_serving(server)  # a busy connection is not idle: stock clients keep working
+    finally:
+        peer.close()
+        server.stop()
+
+
+def test_one_connection_cannot_hold_more_request_bytes_than_its_budget(behaviour):
+    server = Running(behaviour, max_buffered_bytes=100_000)
+    peer = Peer(server.port).start()
+    try:
+        chunk = frame(Frame.DATA, 0, 1, message_prefix(200_000) + b"x" * 15_000)
+        peer.send(peer.headers(1) + chunk + b"".join(frame(Frame.DATA, 0, 1, b"x" * 16_000) for _ in range(6)))
+        code, message = status_of(peer, 1)
+        assert code == str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]) and "holds" in message
+        assert_serving(server)
+    finally:
+        peer.close()
+        server.stop()
+
+
+def test_connections_beyond_the_limit_are_turned_away(behaviour):
+    server = Running(behaviour, max_connections=1)
+    first = Peer(server.port).start()
+    try:
+        assert Peer(server.port).goaway_code() == ErrorCode.ENHANCE_YOUR_CALM
+        body = oip.ModelInferRequest(id="echo").SerializeToString()
+        first.send(first.headers(1) + frame(Frame.DATA, Flag.END_STREAM, 1, message_prefix(len(body)) + body))
+        assert status_of(first, 1) == ("0", "")
+    finally:
+        first.close()
+        server.stop()
+
+
+def test_a_peer_that_does_not_read_is_not_read_either(running):
+    """Every PING wants an ACK; a peer that never reads them fills our write buffer, and then we
+    stop reading from it, so its own sends stall instead of our memory growing."""
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+    raw.connect(("127.0.0.1", running.port))
+    raw.settimeout(3)
+    pings = frame(Frame.PING, 0, 0, b"12345678") * 4096
+    with pytest.raises(TimeoutError):
+        raw.sendall(PREFACE + frame(Frame.SETTINGS, 0, 0))
+        for _ in range(400):  # 27 MB of PINGs, far beyond any buffer on the way
+            raw.sendall(pings)
+    raw.close()
 
 
 def test_a_peer_that_vanishes_mid_call_harms_nobody(peer):

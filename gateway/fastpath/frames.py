@@ -10,6 +10,7 @@ by the ``hpack`` package, which keeps the client's dynamic table.
 from __future__ import annotations
 
 import struct
+import zlib
 from enum import IntEnum
 from urllib.parse import quote
 
@@ -126,14 +127,24 @@ def encode_headers(pairs: list[tuple[str, str]]) -> bytes:
     return bytes(out)
 
 
-RESPONSE_HEADERS = encode_headers([(":status", "200"), ("content-type", "application/grpc")])
+INFLATE_WBITS = {"gzip": 31, "deflate": 15}  # grpc-encoding -> zlib's framing (gzip; zlib, RFC 1950)
+ACCEPT_ENCODING = ",".join(["identity", *INFLATE_WBITS])
+RESPONSE_HEADERS = encode_headers(
+    [(":status", "200"), ("content-type", "application/grpc"), ("grpc-accept-encoding", ACCEPT_ENCODING)]
+)
+MAX_STATUS_MESSAGE = 2048  # encoded bytes: well under any client's header list limit (grpc-java's is 8 KiB)
+UNESCAPED = " !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~"  # printable ASCII but %, as gRPC's HTTP/2 spec asks
 
 
 def trailers(code: grpc.StatusCode, message: str = "") -> bytes:
-    """The ``grpc-status`` (and ``grpc-message``, percent-encoded as gRPC's HTTP/2 spec asks) block."""
+    """The ``grpc-status`` block, with the percent-encoded ``grpc-message`` (cut to 2 KiB)."""
     pairs = [("grpc-status", str(code.value[0]))]
     if message:
-        pairs.append(("grpc-message", quote(message[:1024], safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")))
+        encoded = quote(message, safe=UNESCAPED)
+        if len(encoded) > MAX_STATUS_MESSAGE:
+            cut = encoded.rfind("%", MAX_STATUS_MESSAGE - 2, MAX_STATUS_MESSAGE)  # not inside an escape
+            encoded = encoded[: cut if cut != -1 else MAX_STATUS_MESSAGE]
+        pairs.append(("grpc-message", encoded))
     return encode_headers(pairs)
 
 
@@ -156,25 +167,44 @@ def parse_timeout(value: str) -> float:
     return int(digits) * TIMEOUT_UNITS[unit]
 
 
-class CompressedMessageError(ValueError):
-    """A compressed message: this server offers no ``grpc-encoding`` but identity."""
+class UnknownEncodingError(ValueError):
+    """A message compressed with an encoding this server does not offer."""
 
 
-def grpc_message(body: bytes | bytearray) -> bytes:
-    """The one message of a unary request body (5-byte prefix, then the bytes).
+class MessageTooLargeError(ValueError):
+    """A message above the size limit, once decompressed."""
+
+
+def grpc_message(body: bytes | bytearray, encoding: str | None, limit: int) -> bytes:
+    """The one message of a unary request body (5-byte prefix, then the bytes), decompressed if
+    its flag says so; inflating stops one byte past ``limit``, so a small bomb stays small.
 
     Raises:
-        CompressedMessageError: the message is compressed.
-        ValueError: not exactly one message.
+        UnknownEncodingError: compressed, but not with gzip or deflate.
+        MessageTooLargeError: more than ``limit`` bytes once decompressed.
+        ValueError: not exactly one message, or corrupt compressed data.
     """
     if len(body) < MESSAGE_PREFIX.size:
         raise ValueError("the request carries no gRPC message")
     compressed, length = MESSAGE_PREFIX.unpack_from(body)
-    if compressed:
-        raise CompressedMessageError("compressed messages are not accepted (grpc-encoding identity only)")
     if length != len(body) - MESSAGE_PREFIX.size:
         raise ValueError("a unary call carries exactly one message")
-    return bytes(body[MESSAGE_PREFIX.size :])
+    message = memoryview(body)[MESSAGE_PREFIX.size :]
+    if not compressed:
+        return bytes(message)
+    wbits = INFLATE_WBITS.get(encoding or "")
+    if wbits is None:
+        raise UnknownEncodingError(f"grpc-encoding {encoding!r} is not accepted; use one of {ACCEPT_ENCODING}")
+    inflater = zlib.decompressobj(wbits)
+    try:
+        inflated = inflater.decompress(message, limit + 1)
+    except zlib.error as exc:
+        raise ValueError(f"corrupt {encoding} message: {exc}") from None
+    if len(inflated) > limit:
+        raise MessageTooLargeError(f"request message larger than the {limit} bytes allowed, once decompressed")
+    if not inflater.eof:
+        raise ValueError(f"truncated {encoding} message")
+    return inflated
 
 
 def message_prefix(length: int) -> bytes:

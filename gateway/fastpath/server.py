@@ -27,7 +27,7 @@ from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
 from gateway.fastpath.connection import Http2Connection, Limits, Reply, Request
-from gateway.fastpath.frames import CompressedMessageError, grpc_message, parse_timeout
+from gateway.fastpath.frames import MessageTooLargeError, UnknownEncodingError, grpc_message, parse_timeout
 from gateway.server.auth import Tenants
 from gateway.settings import TlsSettings
 from models.errors import UnauthenticatedError
@@ -47,9 +47,9 @@ class FastPathAbort(grpc.aio.AbortError):
 class FastPathContext:
     """The part of ``grpc.aio.ServicerContext`` that hegate's unary servicers use."""
 
-    def __init__(self, metadata: list[tuple[str, str]], deadline: float | None) -> None:
+    def __init__(self, metadata: list[tuple[str, str]], timeout: float | None) -> None:
         self._metadata = tuple(metadata)
-        self._deadline = deadline
+        self._deadline = None if timeout is None else time.monotonic() + timeout
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return self._metadata
@@ -118,18 +118,23 @@ class FastPathServer:
         if route is None:
             return Reply(grpc.StatusCode.UNIMPLEMENTED, f"{request.path} is not served on the fast path")
         try:
-            deadline = None if request.timeout is None else time.monotonic() + parse_timeout(request.timeout)
+            timeout = None
+            if request.timeout is not None:  # counted from the call's headers, not from here
+                elapsed = asyncio.get_running_loop().time() - request.received_at
+                timeout = max(0.0, parse_timeout(request.timeout) - elapsed)
             self._tenants.admit(request.path, request.metadata)
-            message = route.parse(grpc_message(request.body))
+            message = route.parse(grpc_message(request.body, request.encoding, self._limits.max_message_bytes))
         except UnauthenticatedError as exc:
             return Reply(grpc.StatusCode.UNAUTHENTICATED, str(exc))
-        except CompressedMessageError as exc:
+        except UnknownEncodingError as exc:
             return Reply(grpc.StatusCode.UNIMPLEMENTED, str(exc))
+        except MessageTooLargeError as exc:
+            return Reply(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except (ValueError, DecodeError) as exc:
             return Reply(grpc.StatusCode.INVALID_ARGUMENT, f"bad request: {exc}")
         try:
-            async with asyncio.timeout_at(None if deadline is None else _loop_time(deadline)):
-                response = await route.method(message, FastPathContext(request.metadata, deadline))
+            async with asyncio.timeout(timeout):
+                response = await route.method(message, FastPathContext(request.metadata, timeout))
             return Reply(body=response.SerializeToString())
         except FastPathAbort as exc:
             return Reply(exc.code, exc.details)
@@ -140,20 +145,18 @@ class FastPathServer:
             return Reply(grpc.StatusCode.INTERNAL, "internal error; it has been logged")
 
     async def stop(self, grace: float) -> None:
-        """Stop accepting, send GOAWAY, give open calls ``grace`` seconds, then drop what is left."""
+        """Stop accepting, send GOAWAY, give open calls ``grace`` seconds to finish and their
+        replies to drain, then drop whatever connection is left."""
         self._server.close()
-        for connection in list(self._connections):
+        connections = list(self._connections)
+        for connection in connections:
             connection.go_away()
-        if self._connections:
-            waits = [asyncio.ensure_future(c.idle.wait()) for c in self._connections]
+        if connections:
+            waits = [asyncio.ensure_future(c.closed.wait()) for c in connections]
             _, pending = await asyncio.wait(waits, timeout=grace)
             for wait in pending:
                 wait.cancel()
-        for connection in list(self._connections):
-            connection.abort()
+        for connection in connections:
+            if not connection.closed.is_set():
+                connection.abort()
         await self._server.wait_closed()
-
-
-def _loop_time(deadline: float) -> float:
-    """A ``time.monotonic`` instant on the event loop's clock."""
-    return asyncio.get_running_loop().time() + (deadline - time.monotonic())
