@@ -4,6 +4,7 @@
     hegate bench privacy --quick              # the same sweep with small samples (< 2 min)
     hegate bench privacy --repo my_repo --models mnist-cnn-eps1 mnist-cnn-epsinf
     hegate bench privacy --target 10.0.0.5:8001   # a running gateway: the paths it serves
+    hegate bench privacy --target 10.0.0.5:8001 --fast-path 10.0.0.5:8003   # plaintext on its fast path
 
 Every model of the repository (its DP budget, epsilon, is fixed at training) is measured on every
 execution path:
@@ -16,8 +17,9 @@ execution path:
 
 A gateway serves one plaintext backend and one CKKS profile, so the sweep starts two (``numba`` +
 ``standard``, then ``onnxruntime`` + ``high``); with ``--target`` it measures whichever paths that
-gateway serves. Everything goes over real gRPC from this process and from load generator
-processes (:mod:`bench.loadgen`):
+gateway serves. Plaintext paths are measured on the gateway's fast path (the port trusted
+plaintext callers use; ``--fast-path`` with ``--target``). Everything goes over real gRPC from
+this process and from load generator processes (:mod:`bench.loadgen`):
 
 * accuracy: the whole test set on plaintext paths; on encrypted paths a seeded sample of the test
   set (``--sample``), with a 95% Wilson interval;
@@ -175,6 +177,8 @@ def measure(client: HegateClient, target: str, manifest: Manifest, path: str, da
     started = time.perf_counter()
     x = manifest.input.normalization.apply(data.test.x)
     encrypted = path.startswith("encrypted")
+    if not encrypted and client.options.fast_path_target:  # plaintext calls go where the client sends them
+        target = client.options.fast_path_target
     work = workload(client, model, plaintext=not encrypted, batch=1, inputs=data.test.x[:16])
     try:
         accuracy, low, high, n = _accuracy(client, model, work.session, x, data.test.y, budget.sample)
@@ -405,16 +409,17 @@ def _order(cell: Cell) -> tuple:
 
 
 @contextlib.contextmanager
-def _gateway(args: argparse.Namespace, flags: tuple[str, ...] | None) -> Iterator[str]:
-    """The address to measure: ``--target``, or a gateway started here with ``flags``."""
+def _gateway(args: argparse.Namespace, flags: tuple[str, ...] | None) -> Iterator[tuple[str, str | None]]:
+    """The addresses to measure, the gateway's and its fast path's: ``--target`` and ``--fast-path``,
+    or those of a gateway started here with ``flags``."""
     if flags is None:
-        yield args.target
+        yield args.target, args.fast_path
         return
     with (
         tempfile.TemporaryDirectory() as scratch,
         Server(args.repo, args.workers, Path(scratch) / "log", *flags) as server,
     ):
-        yield server.target
+        yield server.target, server.fast_path_target
 
 
 def sweep(args: argparse.Namespace, budget: Budget) -> tuple[list[Cell], str]:
@@ -428,7 +433,10 @@ def sweep(args: argparse.Namespace, budget: Budget) -> tuple[list[Cell], str]:
     gateways = [None] if args.target else list(GATEWAYS)
     with tqdm(total=len(names) * (2 if args.target else len(PATHS)), unit="cell", disable=args.no_progress) as bar:
         for flags in gateways:
-            with _gateway(args, flags) as target, HegateClient(target, api_key=args.api_key) as client:
+            with (
+                _gateway(args, flags) as (target, fast_path),
+                HegateClient(target, api_key=args.api_key, fast_path_target=fast_path) as client,
+            ):
                 for name in names:
                     manifest = manifests[name]
                     for path in paths_of(client, name):
@@ -436,6 +444,8 @@ def sweep(args: argparse.Namespace, budget: Budget) -> tuple[list[Cell], str]:
                         cells.append(measure(client, target, manifest, path, datasets[manifest.dataset], budget))
                         bar.update()
     where = args.target or f"started here, {args.workers} encrypted workers, from {args.repo}"
+    if not args.target or args.fast_path:
+        where += "; plaintext paths on the fast path"
     return sorted(cells, key=_order), where
 
 
@@ -458,6 +468,9 @@ def add_parser(commands) -> None:
     privacy.add_argument("--repo", type=Path, default=BUNDLED_REPOSITORY, help="model repository (default: bundled)")
     privacy.add_argument("--models", nargs="+", help="only these models (default: every model of the repository)")
     privacy.add_argument("--target", help="host:port of a running gateway, instead of starting two")
+    privacy.add_argument(
+        "--fast-path", metavar="HOST:PORT", help="with --target: its fast path, for the plaintext paths"
+    )
     privacy.add_argument("--workers", type=int, default=2, help="encrypted workers of the gateways started here")
     privacy.add_argument("--quick", action="store_true", help="small samples and short windows (< 2 min)")
     privacy.add_argument("--sample", type=int, help="encrypted test inputs per accuracy figure (default 500)")

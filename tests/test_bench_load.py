@@ -89,3 +89,13 @@ def test_cli_reports_levels_and_errors(gateway, tmp_path):
         [*command[:-2], "--api-key", "wrong"], capture_output=True, text=True, timeout=300, check=False
     )
     assert bad.returncode == 2 and "unknown API key" in bad.stderr
+    fast = [*command[:-2], "--plaintext", "--fast-path", gateway.fast_path_target, "--json", str(out)]
+    result = subprocess.run(fast, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["target"] == gateway.fast_path_target and report["path"] == "plaintext"
+    assert all(row["ok"] == 20 and row["errors"] == {} for row in report["levels"])
+    encrypted = subprocess.run(
+        [*command, "--fast-path", gateway.fast_path_target], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert encrypted.returncode == 2 and "--plaintext" in encrypted.stderr

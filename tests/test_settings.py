@@ -17,6 +17,7 @@ def test_defaults_serve_the_bundled_models_on_loopback_without_auth(monkeypatch)
     settings = load_settings()
     assert settings.repository == BUNDLED_REPOSITORY and settings.address == "127.0.0.1:8001"
     assert not settings.authenticated and settings.tls is None and settings.workers >= 1
+    assert (settings.metrics_port, settings.fast_path_port) == (8002, 8003)
 
 
 def test_file_then_environment_then_flags(tmp_path, monkeypatch):
@@ -43,6 +44,7 @@ def test_nested_tls_settings_come_from_the_environment(tmp_path, monkeypatch):
     [
         ({"workers": 0}, "workers: Input should be greater than or equal to 1"),
         ({"address": "8001"}, "address must be host:port"),
+        ({"fast_path_port": 70000}, "fast_path_port: Input should be less than or equal to 65535"),
         ({"repository": "/nonexistent"}, "is not a directory"),
         ({"api_keys": {"": "alice"}}, "non-empty keys"),
         ({"tls": {"cert_file": "/nope.pem", "key_file": "/nope.pem"}}, "does not exist"),

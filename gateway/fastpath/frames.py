@@ -16,6 +16,8 @@ from urllib.parse import quote
 
 import grpc
 
+from models.errors import InvalidArgumentError, ResourceExhaustedError
+
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 FRAME_HEADER = struct.Struct(">BHBBI")  # length (24 bits as 8 + 16), type, flags, stream id
 MESSAGE_PREFIX = struct.Struct(">BI")  # gRPC: compressed flag, message length
@@ -163,16 +165,13 @@ def parse_timeout(value: str) -> float:
     """Seconds in a ``grpc-timeout`` value: at most 8 digits and a unit (``100m`` is 0.1 s)."""
     digits, unit = value[:-1], value[-1:]
     if not digits.isdigit() or len(digits) > 8 or unit not in TIMEOUT_UNITS:
-        raise ValueError(f"malformed grpc-timeout {value!r}")
+        raise InvalidArgumentError(f"malformed grpc-timeout {value!r}")
     return int(digits) * TIMEOUT_UNITS[unit]
 
 
-class UnknownEncodingError(ValueError):
-    """A message compressed with an encoding this server does not offer."""
-
-
-class MessageTooLargeError(ValueError):
-    """A message above the size limit, once decompressed."""
+class UnknownEncodingError(Exception):
+    """A message compressed with an encoding this server does not offer: UNIMPLEMENTED, as gRPC's
+    spec asks (a transport status, so it is not one of the domain errors)."""
 
 
 def grpc_message(body: bytes | bytearray, encoding: str | None, limit: int) -> bytes:
@@ -181,14 +180,14 @@ def grpc_message(body: bytes | bytearray, encoding: str | None, limit: int) -> b
 
     Raises:
         UnknownEncodingError: compressed, but not with gzip or deflate.
-        MessageTooLargeError: more than ``limit`` bytes once decompressed.
-        ValueError: not exactly one message, or corrupt compressed data.
+        ResourceExhaustedError: more than ``limit`` bytes once decompressed.
+        InvalidArgumentError: not exactly one message, or corrupt compressed data.
     """
     if len(body) < MESSAGE_PREFIX.size:
-        raise ValueError("the request carries no gRPC message")
+        raise InvalidArgumentError("the request carries no gRPC message")
     compressed, length = MESSAGE_PREFIX.unpack_from(body)
     if length != len(body) - MESSAGE_PREFIX.size:
-        raise ValueError("a unary call carries exactly one message")
+        raise InvalidArgumentError("a unary call carries exactly one message")
     message = memoryview(body)[MESSAGE_PREFIX.size :]
     if not compressed:
         return bytes(message)
@@ -199,11 +198,11 @@ def grpc_message(body: bytes | bytearray, encoding: str | None, limit: int) -> b
     try:
         inflated = inflater.decompress(message, limit + 1)
     except zlib.error as exc:
-        raise ValueError(f"corrupt {encoding} message: {exc}") from None
+        raise InvalidArgumentError(f"corrupt {encoding} message: {exc}") from None
     if len(inflated) > limit:
-        raise MessageTooLargeError(f"request message larger than the {limit} bytes allowed, once decompressed")
+        raise ResourceExhaustedError(f"request message larger than the {limit} bytes allowed, once decompressed")
     if not inflater.eof:
-        raise ValueError(f"truncated {encoding} message")
+        raise InvalidArgumentError(f"truncated {encoding} message")
     return inflated
 
 

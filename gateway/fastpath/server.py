@@ -27,10 +27,11 @@ from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
 from gateway.fastpath.connection import Http2Connection, Limits, Reply, Request
-from gateway.fastpath.frames import MessageTooLargeError, UnknownEncodingError, grpc_message, parse_timeout
+from gateway.fastpath.frames import UnknownEncodingError, grpc_message, parse_timeout
 from gateway.server.auth import Tenants
 from gateway.settings import TlsSettings
-from models.errors import UnauthenticatedError
+from gateway.status import status_for
+from models.errors import HegateError
 
 logger = logging.getLogger(__name__)
 
@@ -124,14 +125,12 @@ class FastPathServer:
                 timeout = max(0.0, parse_timeout(request.timeout) - elapsed)
             self._tenants.admit(request.path, request.metadata)
             message = route.parse(grpc_message(request.body, request.encoding, self._limits.max_message_bytes))
-        except UnauthenticatedError as exc:
-            return Reply(grpc.StatusCode.UNAUTHENTICATED, str(exc))
         except UnknownEncodingError as exc:
             return Reply(grpc.StatusCode.UNIMPLEMENTED, str(exc))
-        except MessageTooLargeError as exc:
-            return Reply(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except (ValueError, DecodeError) as exc:
-            return Reply(grpc.StatusCode.INVALID_ARGUMENT, f"bad request: {exc}")
+        except HegateError as exc:  # a refused key, a malformed or oversized message
+            return Reply(status_for(exc), str(exc))
+        except DecodeError as exc:
+            return Reply(grpc.StatusCode.INVALID_ARGUMENT, f"undecodable request message: {exc}")
         try:
             async with asyncio.timeout(timeout):
                 response = await route.method(message, FastPathContext(request.metadata, timeout))
