@@ -459,7 +459,11 @@ class Http2Connection(asyncio.Protocol):
         stream.task = self._loop.create_task(self._serve(stream))
 
     async def _serve(self, stream: _Stream) -> None:
-        reply = await self._handler(stream.request)
+        try:
+            reply = await self._handler(stream.request)
+        except Exception:  # the handler maps every failure itself; this is the net under it
+            logger.exception("fast path: the handler failed on %s", stream.request.path)
+            reply = Reply(grpc.StatusCode.INTERNAL, "internal error; it has been logged")
         if self._streams.get(stream.id) is not stream or self._transport.is_closing():
             return  # reset by the client, or the connection is gone
         out: list[bytes] = []
