@@ -9,6 +9,7 @@ hostile connection a stock client must still get its answer: one peer cannot har
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import socket
 import struct
@@ -300,34 +301,25 @@ def test_api_keys_admit_tenants_and_refuse_the_rest(behaviour, metadata, message
 # -- stopping ---------------------------------------------------------------------------------
 
 
-def test_stop_lets_calls_in_flight_finish_and_refuses_new_ones(behaviour):
+@pytest.mark.parametrize(
+    ("call_id", "grace", "outcome"),
+    [("sleep:0.5", 5.0, grpc.StatusCode.OK), ("hang", 0.3, grpc.StatusCode.UNAVAILABLE)],
+)
+def test_stop_gives_calls_in_flight_the_grace_period_and_then_refuses_all(behaviour, call_id, grace, outcome):
     server = Running(behaviour)
     channel, call = stub(server.target)
     with channel:
-        slow = call.future(oip.ModelInferRequest(id="sleep:0.5"), timeout=TIMEOUT)
+        in_flight = call.future(oip.ModelInferRequest(id=call_id), timeout=TIMEOUT)
         time.sleep(0.2)
         started = time.monotonic()
-        server.stop(grace=5.0)
-        assert slow.result().id == "sleep:0.5"
-        assert time.monotonic() - started < 4.0
+        server.stop(grace=grace)
+        assert time.monotonic() - started < 3.0  # the slow call's 0.3 s left, or the 0.3 s grace
+        assert in_flight.code() == outcome
+    dropped = call_id == "hang"
+    assert behaviour.cancelled.wait(5 if dropped else 0) == dropped  # dropped work is cancelled, not left running
     with pytest.raises(grpc.RpcError) as failure:
         infer(server.target, "echo")
     assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
-
-
-def test_stop_drops_calls_that_outlive_the_grace_period(behaviour):
-    server = Running(behaviour)
-    channel, call = stub(server.target)
-    with channel:
-        hanging = call.future(oip.ModelInferRequest(id="hang"), timeout=TIMEOUT)
-        time.sleep(0.2)
-        started = time.monotonic()
-        server.stop(grace=0.3)
-        assert time.monotonic() - started < 3.0
-        with pytest.raises(grpc.RpcError) as failure:
-            hanging.result()
-    assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert behaviour.cancelled.wait(5)
 
 
 # -- hostile peers: raw HTTP/2 --------------------------------------------------------------
@@ -416,18 +408,13 @@ def test_a_call_that_is_not_grpc_gets_http_415(peer):
 
 
 def test_streams_beyond_the_limit_are_refused_and_the_others_served(behaviour):
-    server = Running(behaviour, max_streams=2)
-    peer = Peer(server.port).start()
-    try:
+    with server_and_peer(behaviour, max_streams=2) as (_, peer):
         peer.send(peer.headers(1) + peer.headers(3) + peer.headers(5))
         _, payload = peer.wait_for(Frame.RST_STREAM, stream=5)
         assert ErrorCode(int.from_bytes(payload, "big")) == ErrorCode.REFUSED_STREAM
         body = oip.ModelInferRequest(id="echo").SerializeToString()
         peer.send(frame(Frame.DATA, Flag.END_STREAM, 1, message_prefix(len(body)) + body))
         assert status_of(peer, 1) == ("0", "")
-    finally:
-        peer.close()
-        server.stop()
 
 
 def test_a_flood_of_resets_ends_the_connection(peer):
@@ -446,6 +433,23 @@ def test_a_header_block_that_never_ends_is_cut_off(peer):
     assert peer.goaway_code() == ErrorCode.ENHANCE_YOUR_CALM
 
 
+@contextlib.contextmanager
+def server_and_peer(behaviour: Behaviour, **options) -> Iterator[tuple[Running, Peer]]:
+    """A server with its own ``options`` (limits, API keys) and one raw peer connected to it."""
+    server = Running(behaviour, **options)
+    peer = Peer(server.port).start()
+    try:
+        yield server, peer
+    finally:
+        peer.close()
+        server.stop()
+
+
+def code(status: grpc.StatusCode) -> str:
+    """``status`` as ``grpc-status`` carries it."""
+    return str(status.value[0])
+
+
 def status_of(peer: Peer, stream: int) -> tuple[str, str]:
     """The gRPC status and message that end ``stream``."""
     while True:
@@ -458,8 +462,6 @@ def status_of(peer: Peer, stream: int) -> tuple[str, str]:
 def test_repeated_header_blocks_mean_what_the_dynamic_table_says_now(behaviour):
     """The same block bytes can name other headers once the table has changed: the connection's
     cache of the last block must never answer for a table that moved on."""
-    server = Running(behaviour, api_keys={"k1": "alice", "k2": "bob"})
-    peer = Peer(server.port).start()
     base = encode_headers(
         [(":method", "POST"), (":scheme", "http"), (":path", METHOD), ("content-type", "application/grpc")]
     )
@@ -474,7 +476,7 @@ def test_repeated_header_blocks_mean_what_the_dynamic_table_says_now(behaviour):
     # lose step with the client's table and read entry 64 wrongly or not at all)
     sequence = [(alice, "alice"), (alice, "alice"), (newest, "alice"), (newest, "alice"), (bob, "bob"),
                 (newest, "bob"), (newest, "bob"), (third, "alice")]  # fmt: skip
-    try:
+    with server_and_peer(behaviour, api_keys={"k1": "alice", "k2": "bob"}) as (_, peer):
         for index, (block, tenant) in enumerate(sequence):
             stream = 2 * index + 1
             peer.send(frame(Frame.HEADERS, Flag.END_HEADERS, stream, block))
@@ -482,9 +484,6 @@ def test_repeated_header_blocks_mean_what_the_dynamic_table_says_now(behaviour):
             _, data = peer.wait_for(Frame.DATA, stream=stream)
             assert oip.ModelInferResponse.FromString(data[5:]).id == tenant, index
             assert status_of(peer, stream) == ("0", "")
-    finally:
-        peer.close()
-        server.stop()
 
 
 def test_gzip_messages_are_accepted_and_unknown_encodings_unimplemented(peer):
@@ -495,8 +494,8 @@ def test_gzip_messages_are_accepted_and_unknown_encodings_unimplemented(peer):
     )
     assert status_of(peer, 1) == ("0", "")
     peer.send(peer.headers(3, extra=[("grpc-encoding", "snappy")]) + frame(Frame.DATA, Flag.END_STREAM, 3, framed))
-    code, message = status_of(peer, 3)
-    assert code == str(grpc.StatusCode.UNIMPLEMENTED.value[0]) and "identity,gzip,deflate" in message
+    status, message = status_of(peer, 3)
+    assert status == code(grpc.StatusCode.UNIMPLEMENTED) and "identity,gzip,deflate" in message
 
 
 def test_a_stock_client_may_compress(running):
@@ -506,42 +505,27 @@ def test_a_stock_client_may_compress(running):
 
 
 def test_a_request_that_never_finishes_arriving_is_refused_in_time(behaviour):
-    server = Running(behaviour, request_seconds=0.4)
-    peer = Peer(server.port).start()
-    try:
+    with server_and_peer(behaviour, request_seconds=0.4) as (server, peer):
         peer.send(peer.headers(1) + frame(Frame.DATA, 0, 1, message_prefix(100) + b"x" * 10))
-        code, message = status_of(peer, 1)
-        assert code == str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0]) and "0.4 s" in message
+        status, message = status_of(peer, 1)
+        assert status == code(grpc.StatusCode.DEADLINE_EXCEEDED) and "0.4 s" in message
         assert_serving(server)
-    finally:
-        peer.close()
-        server.stop()
 
 
 def test_an_idle_connection_is_closed(behaviour):
-    server = Running(behaviour, idle_seconds=0.4)
-    peer = Peer(server.port).start()
-    try:
+    with server_and_peer(behaviour, idle_seconds=0.4) as (server, peer):
         _, payload = peer.wait_for(Frame.GOAWAY)
         assert ErrorCode(int.from_bytes(payload[4:8], "big")) == ErrorCode.NO_ERROR and b"idle" in payload
         assert_serving(server)  # a busy connection is not idle: stock clients keep working
-    finally:
-        peer.close()
-        server.stop()
 
 
 def test_one_connection_cannot_hold_more_request_bytes_than_its_budget(behaviour):
-    server = Running(behaviour, max_buffered_bytes=100_000)
-    peer = Peer(server.port).start()
-    try:
+    with server_and_peer(behaviour, max_buffered_bytes=100_000) as (server, peer):
         chunk = frame(Frame.DATA, 0, 1, message_prefix(200_000) + b"x" * 15_000)
         peer.send(peer.headers(1) + chunk + b"".join(frame(Frame.DATA, 0, 1, b"x" * 16_000) for _ in range(6)))
-        code, message = status_of(peer, 1)
-        assert code == str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]) and "holds" in message
+        status, message = status_of(peer, 1)
+        assert status == code(grpc.StatusCode.RESOURCE_EXHAUSTED) and "holds" in message
         assert_serving(server)
-    finally:
-        peer.close()
-        server.stop()
 
 
 def test_connections_beyond_the_limit_are_turned_away(behaviour):
