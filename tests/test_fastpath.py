@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import random
 import socket
 import struct
 import threading
@@ -25,7 +26,7 @@ import hpack
 import pytest
 
 from gateway.api import grpc_predict_v2_pb2 as oip
-from gateway.fastpath.connection import Limits
+from gateway.fastpath.connection import Http2Connection, Limits
 from gateway.fastpath.frames import (
     PREFACE,
     RESPONSE_HEADERS,
@@ -136,15 +137,19 @@ class Behaviour:
         return oip.ServerLiveResponse(live=True)
 
 
+def routes_of(behaviour: Behaviour) -> dict[str, Route]:
+    return {
+        METHOD: Route(oip.ModelInferRequest.FromString, behaviour.ModelInfer),
+        LIVE: Route(oip.ServerLiveRequest.FromString, behaviour.ServerLive),
+    }
+
+
 class Running:
     """A :class:`FastPathServer` on a loopback port, in a thread with its own event loop."""
 
     def __init__(self, behaviour: Behaviour, *, api_keys: dict[str, str] | None = None, **limits) -> None:
-        table = {
-            METHOD: Route(oip.ModelInferRequest.FromString, behaviour.ModelInfer),
-            LIVE: Route(oip.ServerLiveRequest.FromString, behaviour.ServerLive),
-        }
-        self.server = FastPathServer(table, Tenants(api_keys or {}), Limits(MAX_MESSAGE, **limits), None)
+        tenants = Tenants(api_keys or {})
+        self.server = FastPathServer(routes_of(behaviour), tenants, Limits(MAX_MESSAGE, **limits), None)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -561,3 +566,123 @@ def test_a_peer_that_vanishes_mid_call_harms_nobody(peer):
     peer.start().send(peer.headers(1) + frame(Frame.DATA, 0, 1, message_prefix(len(body) + 100) + body))
     peer.send(peer.headers(3) + frame(Frame.DATA, Flag.END_STREAM, 3, message_prefix(len(body)) + body))
     peer.close()
+
+
+# -- random frames ----------------------------------------------------------------------------
+
+
+class FakeTransport(asyncio.Transport):
+    """Collects what the connection writes; closing is a flag."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    abort = close
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def _random_frames(rng: random.Random, count: int) -> bytes:
+    """``count`` steps of a client that is mostly well-behaved: whole calls (headers split over
+    CONTINUATION or not, bodies padded or split or not), window updates, pings, settings and resets
+    on live streams, and now and then a frame of any type, flags, stream and payload."""
+    encoder, stream, out = hpack.Encoder(), 1, []
+    for _ in range(count):
+        action = rng.random()
+        if action < 0.5:
+            headers = [(":method", "POST"), (":scheme", "http"), (":path", rng.choice([METHOD, METHOD, LIVE, "/x/y"])),
+                       ("content-type", rng.choice(["application/grpc"] * 5 + ["text/plain"])),
+                       *rng.choice([[], [("grpc-timeout", rng.choice(["1S", "1n", "zz"]))]]),
+                       *rng.choice([[], [("grpc-encoding", rng.choice(["gzip", "br"]))]])]  # fmt: skip
+            block = encoder.encode(headers)
+            if rng.random() < 0.2:
+                cut = rng.randrange(len(block))
+                out += [
+                    frame(Frame.HEADERS, 0, stream, block[:cut]),
+                    frame(Frame.CONTINUATION, Flag.END_HEADERS, stream, block[cut:]),
+                ]
+            else:
+                out.append(frame(Frame.HEADERS, Flag.END_HEADERS, stream, block))
+            call = rng.choice(["echo", "sleep:0", "big:70000", "abort:x", "tenant"])
+            body = oip.ModelInferRequest(id=call).SerializeToString()
+            data = message_prefix(len(body)) + body
+            if rng.random() < 0.1:
+                data = b"\x01" + data[1:]  # flagged compressed
+            if rng.random() < 0.3:
+                cut = rng.randrange(len(data))
+                out.append(frame(Frame.DATA, 0, stream, data[:cut]))
+                data = data[cut:]
+            if rng.random() < 0.2:
+                out.append(frame(Frame.DATA, Flag.END_STREAM | Flag.PADDED, stream, bytes([3]) + data + b"\0\0\0"))
+            elif rng.random() < 0.95:
+                out.append(frame(Frame.DATA, Flag.END_STREAM, stream, data))
+            stream += 2
+        elif action < 0.6:
+            target = rng.choice([0, stream - 2]) if stream > 1 else 0
+            out.append(frame(Frame.WINDOW_UPDATE, 0, target, struct.pack(">I", rng.choice([1, 65_535, 1 << 20]))))
+        elif action < 0.7:
+            out.append(frame(Frame.PING, 0, 0, rng.randbytes(8)))
+        elif action < 0.8:
+            setting = rng.choice([(4, rng.choice([0, 1, 65_535, 1 << 20])), (5, 16_384), (1, 4096), (3, 100)])
+            out.append(frame(Frame.SETTINGS, 0, 0, struct.pack(">HI", *setting)))
+        elif action < 0.95:
+            if stream > 1:
+                out.append(frame(Frame.RST_STREAM, 0, stream - 2, struct.pack(">I", ErrorCode.CANCEL)))
+        else:
+            kind, flags = rng.choice([*range(10), 42]), rng.randrange(256)
+            target = rng.choice([0, 1, 2, stream, stream - 2, 2**31 - 1])
+            out.append(frame(kind, flags, max(0, target), rng.randbytes(rng.choice([0, 4, 5, 8, 9, 30]))))
+    return b"".join(out)
+
+
+def test_random_frame_sequences_end_in_answers_or_a_goaway_never_in_an_exception(behaviour):
+    """1,000 seeded random conversations, fed in random slices: the connection may answer, reset
+    streams or hang up with GOAWAY, but nothing may raise, in it or in a task it started; and
+    many calls are answered (a fuzzer that only ever hits the first check tests nothing)."""
+    failures: list[str] = []
+    limits = Limits(1 << 16, max_streams=8)
+    server = FastPathServer(routes_of(behaviour), Tenants({}), limits, None)  # for its handler; no socket
+
+    async def run() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: failures.append(str(context)))
+        rng = random.Random(7)
+        for _ in range(1000):
+            connection = Http2Connection(server.handle, limits, set())
+            transport = FakeTransport()
+            connection.connection_made(transport)
+            data = PREFACE + frame(Frame.SETTINGS, 0, 0) + _random_frames(rng, 40)
+            position = 0
+            while position < len(data) and not transport.closing:
+                step = rng.randint(1, 200)
+                connection.data_received(data[position : position + step])
+                position += step
+                if rng.random() < 0.3:
+                    await asyncio.sleep(0)
+            for _ in range(3):
+                await asyncio.sleep(0)
+            answers.append(transport.written.count(b"grpc-status"))
+            connection.connection_lost(None)
+        await asyncio.sleep(0.01)
+
+    answers: list[int] = []
+    asyncio.run(run())
+    assert failures == []
+    assert sum(answers) > 2 * len(answers) and sum(a >= 5 for a in answers) > len(answers) / 4
