@@ -349,7 +349,19 @@ class Peer:
     def headers(
         self, stream: int, *, end_stream: bool = False, content_type: str = "application/grpc", extra=()
     ) -> bytes:
-        block = self.encoder.encode(
+        return self.request_headers(self.encoder, stream, end_stream=end_stream, content_type=content_type, extra=extra)
+
+    @staticmethod
+    def request_headers(
+        encoder: hpack.Encoder,
+        stream: int,
+        *,
+        end_stream: bool = False,
+        content_type: str = "application/grpc",
+        extra=(),
+    ) -> bytes:
+        """A HEADERS frame opening a ModelInfer call on ``stream``."""
+        block = encoder.encode(
             [(":method", "POST"), (":scheme", "http"), (":path", METHOD), (":authority", "x"),
              ("content-type", content_type), ("te", "trailers"), *extra]
         )  # fmt: skip
@@ -686,3 +698,23 @@ def test_random_frame_sequences_end_in_answers_or_a_goaway_never_in_an_exception
     asyncio.run(run())
     assert failures == []
     assert sum(answers) > 2 * len(answers) and sum(a >= 5 for a in answers) > len(answers) / 4
+
+
+def test_a_handler_that_raises_still_answers_internal(caplog):
+    async def broken(request):
+        raise RuntimeError("a bug under the server's own mapping")
+
+    async def run() -> bytes:
+        connection = Http2Connection(broken, Limits(MAX_MESSAGE), set())
+        transport = FakeTransport()
+        connection.connection_made(transport)
+        body = message_prefix(0)
+        connection.data_received(PREFACE + frame(Frame.SETTINGS, 0, 0) + Peer.request_headers(hpack.Encoder(), 1))
+        connection.data_received(frame(Frame.DATA, Flag.END_STREAM, 1, body))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        connection.connection_lost(None)
+        return bytes(transport.written)
+
+    written = asyncio.run(run())
+    assert b"grpc-status\x0213" in written and "a bug under" in caplog.text
