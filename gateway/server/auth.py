@@ -1,10 +1,12 @@
-"""API keys to tenants, checked once per call by a server interceptor.
+"""API keys to tenants, checked once per call: by :class:`Tenants`, which the grpc.aio server's
+interceptor and the fast path (:mod:`gateway.fastpath`) both call.
 
 A call presents its key in the ``x-api-key`` metadata header or as ``authorization: Bearer <key>``.
 Without configured keys every call belongs to the tenant ``anonymous`` (the loopback default);
 with keys, a call without a known one is refused with UNAUTHENTICATED before any servicer runs.
 Health checks and reflection stay open, as load balancers and tools expect. The tenant travels
-to the servicer in a context variable, which grpc.aio shares between interceptor and handler.
+to the servicer in a context variable: grpc.aio shares it between interceptor and handler, and
+the fast path runs each call in a task of its own.
 """
 
 from __future__ import annotations
