@@ -183,6 +183,15 @@ class WorkerPool:
             ),
         )
 
+    async def _drop_dropped(self, worker: _Worker, replayed: list[str]) -> None:
+        """Drop from a replacement the keys that left the registry while it was being given them
+        (deleted, evicted or expired then: :meth:`drop_keys` only reaches accepting workers)."""
+        registered = {keys.key_id for keys in self._stored_keys()}
+        for key_id in replayed:
+            if key_id not in registered:
+                with contextlib.suppress(HegateError):  # if it dies, its replacement replays the registry
+                    await self._send(worker, DropKeys(key_id=key_id))
+
     async def drop_keys(self, key_id: str) -> None:
         """Forget ``key_id`` in every worker (evicted, expired or deleted in the registry)."""
         for worker in self._accepting(required=False):
@@ -307,13 +316,16 @@ class WorkerPool:
             worker = self._spawn(slot)
             try:
                 await asyncio.wait_for(asyncio.shield(worker.ready), START_TIMEOUT_SECONDS)
+                replayed = []
                 for keys in list(self._stored_keys()):
                     try:
                         await self._give_keys(worker, keys)
+                        replayed.append(keys.key_id)
                     except HegateError as exc:
                         logger.warning("could not replay key %s into worker %d: %s", keys.key_id, slot, exc)
                 if worker.process.is_alive():  # a death during the replay has scheduled another replacement
-                    worker.accepting = True
+                    worker.accepting = True  # from here on, drop_keys reaches it
+                    await self._drop_dropped(worker, replayed)
                     logger.info("worker %d replaced", slot)
                 return
             except (HegateError, TimeoutError) as exc:
