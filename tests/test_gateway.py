@@ -294,6 +294,7 @@ np.save(outputs, result.as_numpy("logits"))
 print(json.dumps({
     "live": client.is_server_live(),
     "ready": client.is_model_ready(model),
+    "unknown_ready": client.is_model_ready("no-such-model"),
     "metadata": client.get_model_metadata(model, as_json=True),
 }))
 """
@@ -313,7 +314,7 @@ def test_tritonclient_gets_the_same_logits(gateway, client, tmp_path, front):
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["live"] is True and report["ready"] is True
+    assert report["live"] is True and report["ready"] is True and report["unknown_ready"] is False
     metadata = report["metadata"]
     assert metadata["name"] == MNIST and metadata["versions"] == ["1"]
     assert [(t["name"], t["datatype"], t["shape"]) for t in metadata["inputs"]] == [
@@ -411,7 +412,6 @@ def test_unknown_model_or_version_is_not_found(gateway, session, model, version)
         (oip_stub.ModelMetadata, oip.ModelMetadataRequest(name=model, version=version)),
         (fast_stub.ModelInfer, plaintext_request(model=model, version=version)),
         (fast_stub.ModelMetadata, oip.ModelMetadataRequest(name=model, version=version)),
-        (fast_stub.ModelReady, oip.ModelReadyRequest(name=model, version=version)),
         (stub.Infer, infer_request(model, session.key_id, ciphertext, version=version)),
         (stub.GetEncryptionSpec, hv1.GetEncryptionSpecRequest(model_name=model, model_version=version)),
         (stub.RegisterKeys, iter(upload)),
@@ -419,6 +419,9 @@ def test_unknown_model_or_version_is_not_found(gateway, session, model, version)
     for call, request in calls:
         details = refused(grpc.StatusCode.NOT_FOUND, call, request, then=partial(assert_serving, gateway))
         assert model in details
+    for stub in (oip_stub, fast_stub):  # readiness is a probe: unknown means not ready, not an error
+        assert not stub.ModelReady(oip.ModelReadyRequest(name=model, version=version), timeout=TIMEOUT).ready
+        assert stub.ModelReady(oip.ModelReadyRequest(name=MNIST), timeout=TIMEOUT).ready
     assert_serving(gateway, session=session)
 
 

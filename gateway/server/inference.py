@@ -69,8 +69,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelReady(self, request, context):
-        self.store.get(request.name, request.version)
-        return pb.ModelReadyResponse(ready=self._ready())
+        """Ready if served and the gateway is ready; an unknown model or version is not ready (not
+        an error), as Triton answers, so stock clients' ``is_model_ready`` returns False."""
+        known = any(m.name == request.name and request.version in ("", m.version) for m in self.store.models())
+        return pb.ModelReadyResponse(ready=known and self._ready())
 
     @rpc
     async def ServerMetadata(self, request, context):
