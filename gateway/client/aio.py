@@ -41,18 +41,12 @@ class AsyncHegateClient:
 
     def __init__(self, target: str = "127.0.0.1:8001", **options) -> None:
         self.options = ClientOptions(target=target, **options)
-        self.channel = self._open(target)
+        self.channel = self.options.open_channel(target, grpc.aio)
         fast = self.options.fast_path_target
-        self._fast_channel = self._open(fast) if fast else None
+        self._fast_channel = self.options.open_channel(fast, grpc.aio) if fast else None
         self._oip = oip_grpc.GRPCInferenceServiceStub(self._fast_channel or self.channel)
         self._hegate = hv1_grpc.EncryptedInferenceStub(self.channel)
         self._index: ModelIndex | None = None
-
-    def _open(self, target: str) -> grpc.aio.Channel:
-        credentials = self.options.credentials()
-        if credentials is None:
-            return grpc.aio.insecure_channel(target, options=self.options.channel_options)
-        return grpc.aio.secure_channel(target, credentials, options=self.options.channel_options)
 
     async def _call(self, method, request):
         with translated_errors():

@@ -53,6 +53,14 @@ class ClientOptions(BaseModel):
             ("grpc.max_send_message_length", self.max_message_bytes),
         ]
 
+    def open_channel(self, target: str, api=grpc):
+        """A channel to ``target`` with these options; ``api`` is ``grpc`` or ``grpc.aio`` (the same
+        channel, blocking or asyncio)."""
+        credentials = self.credentials()
+        if credentials is None:
+            return api.insecure_channel(target, options=self.channel_options)
+        return api.secure_channel(target, credentials, options=self.channel_options)
+
     def credentials(self) -> grpc.ChannelCredentials | None:
         if self.tls_ca_file is None:
             return None

@@ -36,18 +36,12 @@ class HegateClient:
 
     def __init__(self, target: str = "127.0.0.1:8001", **options) -> None:
         self.options = ClientOptions(target=target, **options)
-        self.channel = self._open(target)
+        self.channel = self.options.open_channel(target, grpc)
         fast = self.options.fast_path_target
-        self._fast_channel = self._open(fast) if fast else None
+        self._fast_channel = self.options.open_channel(fast, grpc) if fast else None
         self._oip = oip_grpc.GRPCInferenceServiceStub(self._fast_channel or self.channel)
         self._hegate = hv1_grpc.EncryptedInferenceStub(self.channel)
         self._index: ModelIndex | None = None
-
-    def _open(self, target: str) -> grpc.Channel:
-        credentials = self.options.credentials()
-        if credentials is None:
-            return grpc.insecure_channel(target, options=self.options.channel_options)
-        return grpc.secure_channel(target, credentials, options=self.options.channel_options)
 
     def _call(self, method, request):
         with translated_errors():
