@@ -141,6 +141,13 @@ def _tensor16(workspace, scratch, offsets, strides, tensor, rows):
     return workspace[start : start + rows * strides[tensor]].view(np.uint16).reshape(rows, strides[tensor] // 2)
 
 
+@njit(inline="always")
+def _packed(weights, w, kq, n_padded):
+    """The weight panels of a Gemm or Conv at ``w``: [panels, kq, TILE_COLS * 4] int8, as packed."""
+    panels = (n_padded + TILE_COLS - 1) // TILE_COLS
+    return weights[w : w + panels * kq * TILE_COLS * 4].reshape(panels, kq, TILE_COLS * 4)
+
+
 @njit(cache=True, nogil=True, boundscheck=False)
 def _run_wide(op, weights, ints, floats, offsets, strides, scratch, x, out, row0, rows, ws8, ws32, ones, isa):
     """One operation that reads or writes a uint16 tensor (opcodes ``OP_QUANTIZE16`` and up)."""
@@ -153,8 +160,7 @@ def _run_wide(op, weights, ints, floats, offsets, strides, scratch, x, out, row0
         src8 = _tensor(ws8, scratch, offsets, strides, op[F_SRC], rows)
         dst = _tensor16(ws8, scratch, offsets, strides, op[F_DST], rows)
         kq, n, n_padded, w, af = op[G_KQ], op[G_N], op[G_NP], op[G_W], op[G_AF]
-        panels = (n_padded + TILE_COLS - 1) // TILE_COLS
-        packed = weights[w : w + panels * kq * TILE_COLS * 4].reshape(panels, kq, TILE_COLS * 4)
+        packed = _packed(weights, w, kq, n_padded)
         sums = ws32[: GEMM_SUM_ROWS * n_padded].reshape(GEMM_SUM_ROWS, n_padded)
         ops.gemm_rows_to16(
             src8, dst, packed, kq, n, n_padded, ints[op[G_B] : op[G_B] + n], floats[op[G_M] : op[G_M] + n],
@@ -243,8 +249,7 @@ def _run_chunk(
             continue
         if kind == OP_GEMM and op[F_DST] < 0:  # the last layer, writing float logits
             kq, n, n_padded, w = op[G_KQ], op[G_N], op[G_NP], op[G_W]
-            panels = (n_padded + TILE_COLS - 1) // TILE_COLS
-            packed = weights[w : w + panels * kq * TILE_COLS * 4].reshape(panels, kq, TILE_COLS * 4)
+            packed = _packed(weights, w, kq, n_padded)
             sums = ws32[: GEMM_SUM_ROWS * n_padded].reshape(GEMM_SUM_ROWS, n_padded)
             ops.gemm_rows_to_float(
                 src, out[row0 : row0 + rows], packed, kq, n, n_padded, ints[op[G_B] : op[G_B] + n],
@@ -254,8 +259,7 @@ def _run_chunk(
         dst = _tensor(ws8, scratch, offsets, strides, op[F_DST], rows)
         if kind == OP_GEMM:
             kq, n, n_padded, w, af = op[G_KQ], op[G_N], op[G_NP], op[G_W], op[G_AF]
-            panels = (n_padded + TILE_COLS - 1) // TILE_COLS
-            packed = weights[w : w + panels * kq * TILE_COLS * 4].reshape(panels, kq, TILE_COLS * 4)
+            packed = _packed(weights, w, kq, n_padded)
             sums = ws32[: GEMM_SUM_ROWS * n_padded].reshape(GEMM_SUM_ROWS, n_padded)
             ops.gemm_rows(
                 src, dst, packed, kq, n, n_padded, ints[op[G_B] : op[G_B] + n], floats[op[G_M] : op[G_M] + n],
@@ -263,9 +267,7 @@ def _run_chunk(
             )  # fmt: skip
         elif kind == OP_CONV:
             kq, n_padded, af = op[C_KQ], op[C_NP], op[C_AF]
-            panels = (n_padded + TILE_COLS - 1) // TILE_COLS
-            w = op[C_WEIGHTS]
-            packed = weights[w : w + panels * kq * TILE_COLS * 4].reshape(panels, kq, TILE_COLS * 4)
+            packed = _packed(weights, op[C_WEIGHTS], kq, n_padded)
             tiled = CONV_PIXEL_BLOCK * n_padded
             geometry = op[C_FIRST : C_FIRST + CONV_GEOMETRY]  # a view: no allocation per call
             ops.conv_rows(
