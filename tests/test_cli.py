@@ -80,3 +80,15 @@ def test_bad_model_name_is_refused_before_training(tmp_path, capsys):
     assert main(argv) == 2
     assert "model name 'My Model' must be lower-case" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_the_demo_answers_on_both_paths_and_stops_its_gateway():
+    """``make demo``: a gateway of its own, a plaintext answer from the fast path, an encrypted one."""
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway.demo"], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("plaintext (fast path): label 7") for line in lines)
+    assert any(line.startswith("encrypted: label 7") for line in lines)
+    assert lines[-1] == "gateway stopped (exit code 0)"
