@@ -718,3 +718,58 @@ def test_a_handler_that_raises_still_answers_internal(caplog):
 
     written = asyncio.run(run())
     assert b"grpc-status\x0213" in written and "a bug under" in caplog.text
+
+
+def test_stop_waits_for_replies_to_drain_and_aborts_only_what_outlives_the_grace():
+    """A connection counts as done when its transport has closed (everything written has left),
+    not when its last reply was queued: a slow reader keeps its bytes if it drains within the
+    grace period, and only a connection still open at the deadline is cut."""
+
+    class Connection:
+        def __init__(self, drains_after: float | None) -> None:
+            self.closed = asyncio.Event()
+            self.drains_after = drains_after
+            self.aborted = False
+
+        def go_away(self) -> None:  # the reply is queued; the transport closes once it has drained
+            if self.drains_after is not None:
+                asyncio.get_running_loop().call_later(self.drains_after, self.closed.set)
+
+        def abort(self) -> None:
+            self.aborted = True
+
+    class Listener:
+        def close(self) -> None:
+            pass
+
+        async def wait_closed(self) -> None:
+            pass
+
+    async def run() -> tuple[Connection, Connection, float]:
+        server = FastPathServer({}, Tenants({}), Limits(MAX_MESSAGE), None)
+        slow, stuck = Connection(drains_after=0.3), Connection(drains_after=None)
+        server._server, server._connections = Listener(), {slow, stuck}
+        started = time.monotonic()
+        await server.stop(grace=1.0)
+        return slow, stuck, time.monotonic() - started
+
+    slow, stuck, seconds = asyncio.run(run())
+    assert not slow.aborted and slow.closed.is_set()
+    assert stuck.aborted and 1.0 <= seconds < 2.0
+
+
+def test_a_connection_is_closed_only_when_its_transport_is_gone():
+    async def nothing(request):
+        raise AssertionError("no call is made")
+
+    async def run() -> list[bool]:
+        connection = Http2Connection(nothing, Limits(MAX_MESSAGE), set())
+        transport = FakeTransport()
+        connection.connection_made(transport)
+        connection.go_away()  # nothing open: it hangs up, after this callback
+        await asyncio.sleep(0)
+        seen = [transport.closing, connection.closed.is_set()]
+        connection.connection_lost(None)  # the transport has flushed what was queued and closed
+        return [*seen, connection.closed.is_set()]
+
+    assert asyncio.run(run()) == [True, False, True]
