@@ -306,7 +306,7 @@ def audit_model(
         "shadows": {
             "count": shadows,
             "variance": "per example" if per_example else "pooled over examples",
-            "seeds": [s.dp.seed for s in trained],
+            "seeds": [s.dp.init_seed for s in trained],
             "private_size": trained[0].dp.private_size,
             "refilled_from_public": trained[0].dp.private_size - (len(data.dataset.private) - audited.members),
             "expected_batch_size": trained[0].dp.expected_batch_size,

@@ -8,8 +8,10 @@ Targets (the model-pipeline issue):
   * int8 accuracy within 0.3 points of fp32 for every bundled model;
   * the epsilon = 3 MNIST model trains in under 15 minutes on this machine (the whole command).
 
-The retrained artifact is also compared byte for byte with the bundled one: the recorded
-command must reproduce it. Results go to ``bench/results/pipeline.{json,md}``.
+The retrained artifact is also compared byte for byte with the bundled one. The timed model is
+private, so the recorded command must NOT reproduce it (its noise comes from the CSPRNG, see
+``models/randomness.py``); the retrained copy's accuracy is a second draw of the same recipe,
+reported beside the bundled one. Results go to ``bench/results/pipeline.{json,md}``.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def _row(manifest: Manifest, size: int) -> dict:
     return {
         "model": manifest.name,
         "epsilon": manifest.dp.epsilon if manifest.dp.private else "inf",
+        "secure_rng": manifest.dp.secure_rng,
         "delta": manifest.dp.delta,
         "noise_multiplier": round(manifest.dp.noise_multiplier, 4),
         "steps": manifest.dp.steps,
@@ -85,6 +88,8 @@ def run(retrain: bool) -> dict:
         timed = _retrain(next(a.manifest for a in artifacts if a.manifest.name == TIMED_MODEL))
         checks["train_seconds"] = {"model": TIMED_MODEL, "value": timed["seconds"], **timed}
         checks["train_seconds"]["met"] = timed["seconds"] < TARGETS["train_seconds"]
+        checks["private_retraining_differs"] = {"model": TIMED_MODEL, "value": not timed["reproduced_bytes"]}
+        checks["private_retraining_differs"]["met"] = not timed["reproduced_bytes"]
     return {
         **provenance("bench.pipeline"),
         "targets": TARGETS,
@@ -107,9 +112,12 @@ def _markdown(result: dict) -> str:
         "nondp_accuracy": ">= 98.5% (best MNIST model, no DP, int8)",
         "int8_gap": "<= 0.3 points, every bundled model",
         "train_seconds": "< 900 s (epsilon 3 MNIST CNN, whole command)",
+        "private_retraining_differs": "the recorded command does not replay a private model's bytes",
     }
     for key, check in result["checks"].items():
         value = f"{check['value']:.2%}" if key != "train_seconds" else f"{check['value']} s"
+        if key == "private_retraining_differs":
+            value = "differs" if check["value"] else "replayed"
         if key == "int8_gap":
             value = f"{100 * check['value']:.2f} points"
         where = f" ({check['model']})" if "model" in check else ""
@@ -119,17 +127,21 @@ def _markdown(result: dict) -> str:
         lines += [
             "",
             f"Retrained with `{timed['command']}`: byte-identical to the bundled artifact: "
-            f"{'yes' if timed['reproduced_bytes'] else 'no'}.",
+            f"{'yes (its noise replays: a defect for a private model)' if timed['reproduced_bytes'] else 'no'}"
+            f"; int8 accuracy of the retrained copy {timed['int8_accuracy']:.2%}. A private model's noise and "
+            "batches come from the operating system's CSPRNG, so no two runs give the same bytes.",
         ]
     lines += [
         "",
-        "| model | epsilon | delta | noise | steps | fp32 | int8 | gap (points) | ONNX KiB | depth | train loop s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | epsilon | delta | noise | secure RNG | steps | fp32 | int8 | gap (points) | ONNX KiB | depth "
+        "| train loop s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["models"]:
         eps = r["epsilon"] if r["epsilon"] == "inf" else f"{r['epsilon']:.3f}"
         lines.append(
-            f"| {r['model']} | {eps} | {r['delta']:g} | {r['noise_multiplier']} | {r['steps']} | "
+            f"| {r['model']} | {eps} | {r['delta']:g} | {r['noise_multiplier']} | "
+            f"{'yes' if r['secure_rng'] else 'no (replays)'} | {r['steps']} | "
             f"{r['fp32_accuracy']:.2%} | {r['int8_accuracy']:.2%} | {r['int8_gap_points']:+.2f} | "
             f"{r['onnx_kib']} | {r['depth']} | {r['train_loop_seconds']} |"
         )

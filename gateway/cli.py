@@ -47,6 +47,7 @@ def _train(args: argparse.Namespace) -> int:
         momentum=args.momentum,
         max_grad_norm=args.max_grad_norm,
         seed=args.seed,
+        randomness="replayable" if args.replayable_noise else None,
         threads=args.threads,
     )
     command = shlex.join(["hegate", *args.argv])
@@ -59,7 +60,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _epsilon_text(manifest: Manifest) -> str:
-    return "inf" if not manifest.dp.private else f"{manifest.dp.epsilon:.2f}"
+    """The accountant's epsilon where it is delivered; ``none`` where a seed replays the noise."""
+    dp = manifest.dp
+    if not dp.private:
+        return "inf"
+    return f"{dp.epsilon:.2f}" if dp.secure_rng else "none"
 
 
 def _print_models(manifests: list[Manifest], sizes: list[int]) -> None:
@@ -71,6 +76,8 @@ def _print_models(manifests: list[Manifest], sizes: list[int]) -> None:
             f"{manifest.metrics.fp32_accuracy:>8.2%}{manifest.metrics.int8_accuracy:>8.2%}"
             f"{size / 1024:>8.1f}KB{manifest.multiplicative_depth:>7}"
         )
+    if any(m.dp.private and not m.dp.secure_rng for m in manifests):
+        print("epsilon none: trained with --replayable-noise; its seed replays the noise, so it is not a DP model")
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -190,7 +197,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, help="learning rate")
     train.add_argument("--momentum", type=float)
     train.add_argument("--max-grad-norm", type=float, help="per-sample clipping bound C")
-    train.add_argument("--seed", type=int)
+    train.add_argument(
+        "--seed",
+        type=int,
+        help="seed of the initial weights; of the noise too only with epsilon inf or --replayable-noise",
+    )
+    train.add_argument(
+        "--replayable-noise",
+        action="store_true",
+        help="development only: draw the DP noise from --seed so a run replays; the model is then NOT private "
+        "(listed with epsilon: none)",
+    )
     train.add_argument("--threads", type=int, help="torch threads (default 1)")
     train.add_argument(
         "--activation-bits", type=int, choices=[8, 16], help="hidden activations' width (default: 16 for mlp, else 8)"

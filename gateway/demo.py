@@ -51,7 +51,7 @@ def main() -> int:
             model = client.model(args.model)
             x = model.manifest.input.normalization.apply(raw)
             dp = model.manifest.dp
-            print(f"model {model.name}: epsilon {dp.epsilon:.2f}, delta {dp.delta:g} (accountant: {dp.accountant})")
+            print(f"model {model.name}: {dp.label}")
             print(f"true label of the test image: {label}")
 
             client.predict(model.name, x)  # the first request opens the fast path's connection

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from models.errors import InvalidArgumentError
 
-MANIFEST_SCHEMA_VERSION = 1
+MANIFEST_SCHEMA_VERSION = 2  # 2: the DP record says how its randomness was drawn
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]*$"
@@ -76,6 +76,12 @@ class DPRecord(_Record):
 
     A non-private baseline has ``epsilon = inf`` and ``noise_multiplier = 0``; it went through the
     same code path (per-sample clipping, Poisson sampling), only without noise.
+
+    How the randomness was drawn is part of the record (see :mod:`models.randomness`): a model
+    whose noise and batches came from the operating system's CSPRNG (``secure_rng``) carries no
+    seed that reproduces them; a replayable one carries its ``replay_seed`` and is never served
+    as a DP model, whatever its epsilon. A record that carries a bare ``seed`` (manifest schema 1,
+    whose noise a published seed replays) or lacks the randomness fields is refused.
     """
 
     epsilon: float = Field(ge=0, description="spent, per the accountant after the last step")
@@ -89,14 +95,52 @@ class DPRecord(_Record):
     steps: int = Field(gt=0)
     accountant: Literal["prv"] = "prv"
     poisson_sampling: bool = True
-    secure_rng: bool = Field(description="whether noise came from a cryptographically secure RNG")
-    seed: int
+    secure_rng: bool = Field(description="noise and Poisson sampling drawn from the OS CSPRNG, recorded nowhere")
+    rng: str = Field(min_length=1, description="the generator that drew the noise and the batches")
+    noise_method: str = Field(min_length=1, description="how Gaussian samples were made from its bits")
+    replay_seed: int | None = Field(
+        description="the seed that reproduces noise and batches; present exactly when secure_rng is false"
+    )
+    init_seed: int = Field(description="seed of the initial weights, which DP-SGD's threat model takes as public")
     dataset: str
     private_size: int = Field(gt=0, description="examples DP-SGD trained on (n)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bare_seed(cls, data: object) -> object:
+        if isinstance(data, dict) and "seed" in data:
+            raise ValueError(
+                "dp.seed: a seed that reproduces the DP noise voids the epsilon (anyone can replay training); "
+                "retrain with secure randomness (schema 2 records secure_rng, rng and no replay seed)"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _seed_iff_replayable(self) -> DPRecord:
+        if self.secure_rng and self.replay_seed is not None:
+            raise ValueError("dp.replay_seed: a record that claims secure noise must not carry a seed that replays it")
+        if not self.secure_rng and self.replay_seed is None:
+            raise ValueError("dp.replay_seed: replayable randomness must record its seed (secure_rng is false)")
+        return self
+
     @property
     def private(self) -> bool:
+        """Trained with noise for a finite target epsilon (whether or not that noise is replayable)."""
         return math.isfinite(self.target_epsilon)
+
+    @property
+    def claims_dp(self) -> bool:
+        """The epsilon is delivered: finite, and the noise cannot be replayed."""
+        return self.private and self.secure_rng
+
+    @property
+    def label(self) -> str:
+        """What every listing shows: the accountant's epsilon only where it is delivered."""
+        if not self.private:
+            return "epsilon: inf (no DP)"
+        if not self.secure_rng:
+            return "epsilon: none (replayable noise)"
+        return f"epsilon: {self.epsilon:.3f} (delta {self.delta:g}, {self.accountant} accountant)"
 
 
 UINT8_ACTIVATIONS = "uint8, per-tensor, asymmetric"
@@ -148,7 +192,7 @@ class LayerRecord(_Record):
 
 
 class Manifest(_Record):
-    schema_version: Literal[1] = MANIFEST_SCHEMA_VERSION
+    schema_version: Literal[2] = MANIFEST_SCHEMA_VERSION
     name: str = Field(pattern=MODEL_NAME_PATTERN)
     version: int = Field(ge=1)
     task: Literal["classification"] = "classification"

@@ -118,7 +118,8 @@ def recipe_from_manifest(manifest: Manifest) -> Recipe:
         learning_rate=manifest.training.learning_rate,
         momentum=float(momentum.group(1)),
         max_grad_norm=dp.max_grad_norm,
-        seed=dp.seed,
+        seed=dp.init_seed,
+        randomness="secure" if dp.secure_rng else "replayable",
         threads=manifest.training.torch_threads,
     )
     rebuilt = f"{recipe.architecture} {recipe.architecture_options}"

@@ -5,6 +5,13 @@ The private and the non-private runs share one code path. A finite target epsilo
 budget over the planned epochs); ``epsilon = inf`` goes through ``make_private`` with zero noise,
 so the baseline keeps the same sampling and clipping and differs only by the noise.
 
+Noise and Poisson sampling come from :mod:`models.randomness`: the operating system's CSPRNG for
+every private model (nothing recorded, nothing replayable), a seeded generator only for the
+non-private baseline and for development runs whose manifest then says the noise is replayable.
+Opacus draws neither: the batches come from :class:`PoissonBatches`, and the optimizer's noise
+step is replaced by :func:`_draw_noise_from` (Opacus' own ``secure_mode`` needs ``torchcsprng``,
+which has no build for the pinned torch).
+
 Per-sample gradient norms come from Opacus' ghost clipping, which computes them without
 materializing a gradient per example: the clipped, noised update is the same as with per-sample
 hooks, and a 784-128 dense layer's step no longer builds a [batch, 128, 784] tensor.
@@ -17,6 +24,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,6 +33,14 @@ from models.data import Dataset
 from models.errors import InvalidArgumentError
 from models.extras import require_train_extra
 from models.manifest import DPRecord
+from models.randomness import (
+    GAUSSIAN_METHOD,
+    RandomSource,
+    SecureRandomness,
+    SeededRandomness,
+    gaussian_noise,
+    poisson_mask,
+)
 
 torch = require_train_extra("torch")
 opacus = require_train_extra("opacus")
@@ -48,7 +64,15 @@ class TrainingConfig(BaseModel):
     learning_rate: float = Field(gt=0)
     momentum: float = Field(ge=0, lt=1)
     max_grad_norm: float = Field(gt=0)
-    seed: int = 0
+    seed: int = Field(
+        default=0,
+        description="the initial weights' seed; with randomness='replayable' (or epsilon inf) also the noise's",
+    )
+    randomness: Literal["secure", "replayable"] = Field(
+        default="secure",
+        description="'replayable' draws a private model's noise from the seed: for development only, and the "
+        "manifest then says so (the gateway lists it with epsilon: none)",
+    )
     threads: int = Field(default=1, ge=1, description="torch threads; 1 unless the machine is otherwise idle")
 
 
@@ -110,6 +134,70 @@ def fp32_accuracy(module, dataset: Dataset) -> float:
     return _accuracy(module, dataset.normalize(dataset.test.x), dataset.test.y)
 
 
+def randomness_for(config: TrainingConfig) -> RandomSource:
+    """The CSPRNG for a private model; the seed only where replaying is harmless or asked for."""
+    if math.isfinite(config.epsilon) and config.randomness == "secure":
+        return SecureRandomness()
+    if math.isfinite(config.epsilon):
+        logger.warning(
+            "randomness='replayable': the noise replays from seed %d, so this model is NOT private "
+            "(its manifest says so and the gateway lists it with epsilon: none)",
+            config.seed,
+        )
+    return SeededRandomness(config.seed)
+
+
+class PoissonBatches(torch.utils.data.Sampler):
+    """``steps`` batches of indices, each example in each batch with probability ``1 / steps``.
+
+    The sampled Gaussian mechanism that the accountant analyses, drawn from ``source`` rather
+    than torch's generator. The rate is ``1 / steps`` with ``steps = ceil(n / batch_size)``, the
+    rate Opacus' own Poisson loader would use for the same batch size, so the accounting of a
+    model trained before this sampler existed is unchanged.
+    """
+
+    def __init__(self, *, source: RandomSource, population: int, steps: int) -> None:
+        self.source = source
+        self.population = population
+        self.steps = steps
+
+    @property
+    def sample_rate(self) -> float:
+        return 1.0 / self.steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            yield torch.from_numpy(np.flatnonzero(poisson_mask(self.source, self.population, self.sample_rate)))
+
+
+def _draw_noise_from(optimizer, source: RandomSource) -> None:
+    """Make ``optimizer`` (an Opacus DPOptimizer) add noise drawn from ``source``.
+
+    The replacement does what ``DPOptimizer.add_noise`` does (noise of standard deviation
+    ``noise_multiplier * max_grad_norm`` on each parameter's clipped, summed gradient) with
+    samples from :func:`models.randomness.gaussian_noise`, added in float64 and rounded once to
+    the gradient's dtype. A test checks that Opacus' own generator is never called.
+    """
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    def add_noise() -> None:
+        multiplier = getattr(optimizer, "_adjusted_noise_multiplier", optimizer.noise_multiplier)
+        std = multiplier * optimizer.max_grad_norm
+        for p in optimizer.params:
+            _check_processed_flag(p.summed_grad)
+            grad = p.summed_grad
+            if std > 0:
+                noise = torch.from_numpy(gaussian_noise(source, grad.numel(), std)).view_as(grad)
+                grad = (grad.double() + noise).to(grad.dtype)
+            p.grad = grad.view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    optimizer.add_noise = add_noise
+
+
 def train(*, module, dataset: Dataset, config: TrainingConfig, progress: bool = True) -> TrainedModel:
     """Train ``module`` on ``dataset.private`` with DP-SGD and account for it.
 
@@ -119,17 +207,16 @@ def train(*, module, dataset: Dataset, config: TrainingConfig, progress: bool = 
     n = len(dataset.private)
     delta = validate_delta(config.delta if config.delta is not None else default_delta(n), n)
     private = math.isfinite(config.epsilon)
-    generator = torch.Generator().manual_seed(config.seed)
+    source = randomness_for(config)
 
     frozen, trainable = split_frozen_prefix(module)
     x = _apply(frozen, dataset.normalize(dataset.private.x))
     y = torch.from_numpy(dataset.private.y)
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(x, y), batch_size=config.batch_size, generator=generator
-    )
+    batches = PoissonBatches(source=source, population=n, steps=math.ceil(n / config.batch_size))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=None, sampler=batches)
     optimizer = torch.optim.SGD(trainable.parameters(), lr=config.learning_rate, momentum=config.momentum)
     with warnings.catch_warnings():
-        # secure_rng=False is recorded in the manifest and logged once below, instead of Opacus' warning.
+        # Opacus' warning about its own secure_mode: neither its noise nor its sampling is used.
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG turned off.*")
         warnings.filterwarnings("ignore", message=".*Optimal order is the largest alpha.*")
         engine = opacus.PrivacyEngine(accountant="prv", secure_mode=False)
@@ -140,22 +227,19 @@ def train(*, module, dataset: Dataset, config: TrainingConfig, progress: bool = 
             "criterion": torch.nn.CrossEntropyLoss(),
             "max_grad_norm": config.max_grad_norm,
             "grad_sample_mode": "ghost",
+            # The loader already samples Poisson batches (PoissonBatches); Opacus takes its sample
+            # rate as 1 / len(loader) = batch_size / n, rounded as its own Poisson loader would.
+            "poisson_sampling": False,
         }
         if private:
             model, optimizer, criterion, loader = engine.make_private_with_epsilon(
-                **common,
-                target_epsilon=config.epsilon,
-                target_delta=delta,
-                epochs=config.epochs,
-                poisson_sampling=True,
-                noise_generator=generator,
+                **common, target_epsilon=config.epsilon, target_delta=delta, epochs=config.epochs
             )
         else:
-            model, optimizer, criterion, loader = engine.make_private(
-                **common, noise_multiplier=0.0, poisson_sampling=True, noise_generator=generator
-            )
+            model, optimizer, criterion, loader = engine.make_private(**common, noise_multiplier=0.0)
+    _draw_noise_from(optimizer, source)
 
-    logger.info("DP-SGD noise comes from torch's default (non-cryptographic) RNG; recorded as secure_rng=false")
+    logger.info("DP-SGD noise and sampling from %s", source.generator)
     started = time.perf_counter()
     steps, epsilon = 0, math.inf
     for epoch in range(config.epochs):
@@ -193,12 +277,15 @@ def train(*, module, dataset: Dataset, config: TrainingConfig, progress: bool = 
         delta=delta,
         noise_multiplier=float(optimizer.noise_multiplier),
         max_grad_norm=config.max_grad_norm,
-        sample_rate=float(loader.sample_rate),
+        sample_rate=batches.sample_rate,
         expected_batch_size=config.batch_size,
         epochs=config.epochs,
         steps=steps,
-        secure_rng=False,
-        seed=config.seed,
+        secure_rng=source.secure,
+        rng=source.generator,
+        noise_method=GAUSSIAN_METHOD,
+        replay_seed=None if source.secure else config.seed,
+        init_seed=config.seed,
         dataset=dataset.name,
         private_size=n,
     )

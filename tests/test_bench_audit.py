@@ -232,7 +232,7 @@ def test_quick_audit_end_to_end(tiny_repo, digits, tmp_path, capsys):
                 tpr = a["tpr_at_fpr"][fpr]
                 assert 0.0 <= tpr["ci"][0] <= tpr["tpr"] <= tpr["ci"][1] <= 1.0
         shadows = row["shadows"]
-        assert shadows["count"] == 2 and shadows["seeds"] == [target.seed + 1, target.seed + 2]
+        assert shadows["count"] == 2 and shadows["seeds"] == [target.init_seed + 1, target.init_seed + 2]
         refill = min(200, len(digits.public))
         assert (
             shadows["refilled_from_public"] == refill and shadows["private_size"] == target.private_size - 200 + refill

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
 from gateway.cli import BUNDLED_REPOSITORY
+from models.manifest import MANIFEST_FILE
+from models.randomness import SECURE_GENERATOR
 from models.repository import ModelRepository
 from models.training import recompute_epsilon
 
@@ -39,6 +42,20 @@ def test_bundled_epsilons_come_from_the_accountant(bundled):
             assert math.isinf(dp.epsilon) and dp.noise_multiplier == 0
         if dp.dataset == "mnist":
             assert dp.delta == 1e-5
+
+
+def test_no_bundled_private_model_carries_a_seed_that_replays_its_noise(bundled):
+    """Every finite-epsilon bundled model drew its noise from the CSPRNG; only the non-private
+    baselines (no noise) record the seed that replays their batches."""
+    for artifact in bundled.artifacts():
+        dp = artifact.manifest.dp
+        raw = json.loads((artifact.directory / MANIFEST_FILE).read_text())["dp"]
+        assert "seed" not in raw, artifact.manifest.name
+        if dp.private:
+            assert dp.secure_rng and dp.replay_seed is None and raw["replay_seed"] is None, artifact.manifest.name
+            assert dp.rng == SECURE_GENERATOR and dp.claims_dp
+        else:
+            assert dp.replay_seed is not None and not dp.claims_dp
 
 
 @pytest.mark.parametrize(

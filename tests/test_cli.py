@@ -31,6 +31,25 @@ def test_train_writes_an_artifact_with_its_exact_command(tmp_path, capsys):
     assert "breast-cancer-mlp-eps3" in out and "wrote" in out
 
 
+def test_replayable_noise_is_trained_only_on_request_and_listed_as_not_private(tmp_path, capsys):
+    """--replayable-noise is the one way to a private-epsilon model whose noise replays; its manifest
+    records the seed, and the listing shows epsilon none instead of the accountant's figure."""
+    common = ["train", "--dataset", "breast_cancer", "--arch", "linear", "--epsilon", "3", "--epochs", "2", "--quiet"]
+    assert main([*common, "--out", str(tmp_path), "--seed", "5", "--replayable-noise"]) == 0
+    assert main([*common, "--out", str(tmp_path), "--name", "secure"]) == 0
+    replayable = json.loads((tmp_path / "breast-cancer-linear-eps3" / "1" / MANIFEST_FILE).read_text())["dp"]
+    secure = json.loads((tmp_path / "secure" / "1" / MANIFEST_FILE).read_text())["dp"]
+    assert (replayable["secure_rng"], replayable["replay_seed"], replayable["init_seed"]) == (False, 5, 5)
+    assert (secure["secure_rng"], secure["replay_seed"]) == (True, None)
+    capsys.readouterr()
+    assert main(["models", "--repo", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    assert rows["breast-cancer-linear-eps3"][2] == "none"
+    assert float(rows["secure"][2]) <= 3.0
+    assert out.splitlines()[-1].startswith("epsilon none:") and "not a DP model" in out
+
+
 def test_models_lists_a_repository(trained_repo, capsys):
     assert main(["models", "--repo", str(trained_repo)]) == 0
     out = capsys.readouterr().out.splitlines()

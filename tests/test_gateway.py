@@ -34,6 +34,7 @@ from gateway.he.client import ClientKeys
 from gateway.he.params import MAX_MODULUS_BITS
 from gateway.he.wire import dump
 from gateway.keystore.base import KEY_NOT_FOUND_MESSAGE
+from gateway.server.inference import privacy_parameters
 from gateway.settings import BUNDLED_REPOSITORY
 from models import onnx_runtime
 from models.data import load_dataset
@@ -341,6 +342,27 @@ def test_list_models_carries_the_manifests_dp_record_and_encryption(gateway, cli
     }
     assert raw[MNIST]["dp"]["epsilon"] == pytest.approx(_manifest(MNIST).dp.epsilon)
     assert raw[MNIST]["dp"]["delta"] == 1e-5
+    privacy = {m.name: m.privacy for m in stub.ListModels(hv1.ListModelsRequest(), timeout=TIMEOUT).models}
+    assert privacy[MNIST] == _manifest(MNIST).dp.label and privacy[MNIST].startswith("epsilon: 2.99")
+
+
+@pytest.mark.parametrize("port", ["grpc.aio", "fast path"])
+def test_model_metadata_carries_the_privacy_record(gateway, port):
+    """ModelMetadata's parameters (an extension stock clients skip) say what the training delivers."""
+    parameters = gateway.oip_stub(port).ModelMetadata(oip.ModelMetadataRequest(name=MNIST), timeout=TIMEOUT).parameters
+    dp = _manifest(MNIST).dp
+    assert parameters["privacy"].string_param == dp.label
+    assert parameters["secure_rng"].bool_param is True
+    assert parameters["epsilon"].double_param == pytest.approx(dp.epsilon)
+    assert parameters["delta"].double_param == dp.delta
+
+
+def test_a_replayable_record_is_never_shown_with_an_epsilon():
+    dp = _manifest(MNIST).dp.model_copy(update={"secure_rng": False, "replay_seed": 7})
+    parameters = privacy_parameters(dp)
+    assert parameters["privacy"].string_param == "epsilon: none (replayable noise)"
+    assert "epsilon" not in parameters and "delta" not in parameters
+    assert not parameters["secure_rng"].bool_param
 
 
 # -- the encrypted path -----------------------------------------------------------------------

@@ -142,14 +142,28 @@ def _shape(message: MessageProto) -> dict[str, tuple[object, ...]]:
     } | {"<map_entry>": (message.options.map_entry,)}
 
 
+# hegate's one addition to the protocol's messages: the model's privacy record in ModelMetadata.
+# Stock clients skip unknown fields (tests/test_gateway.py reads ModelMetadata with tritonclient).
+EXTENSIONS = {".inference.ModelMetadataResponse": {"parameters"}}
+EXTENSION_MESSAGES = {".inference.ModelMetadataResponse.ParametersEntry"}
+
+
 def test_every_message_matches_tritonclient(ours: FileProto, triton: FileProto) -> None:
+    """Every field tritonclient knows is ours to the number and type; the only extra fields are
+    the listed extensions, on numbers tritonclient's message does not use."""
     assert ours.package == triton.package == "inference"
     used = _used_messages(ours)
     assert {".inference.ModelInferRequest.InferInputTensor", ".inference.InferParameter"} <= used
-    assert _used_messages(triton) >= used
+    assert used >= EXTENSION_MESSAGES
+    assert _used_messages(triton) >= used - EXTENSION_MESSAGES
     theirs, mine = _messages(triton), _messages(ours)
-    for name in sorted(used):
-        assert _shape(mine[name]) == _shape(theirs[name]), name
+    for name in sorted(used - EXTENSION_MESSAGES):
+        extra = EXTENSIONS.get(name, set())
+        shape = {field: value for field, value in _shape(mine[name]).items() if field not in extra}
+        assert shape == _shape(theirs[name]), name
+        taken = {f.number for f in theirs[name].field}
+        assert all(f.number not in taken for f in mine[name].field if f.name in extra), name
+        assert extra <= {f.name for f in mine[name].field}, name
     assert set(mine) == used, "grpc_predict_v2.proto defines messages no rpc uses"
 
 

@@ -84,6 +84,28 @@ def test_manifest_schema_violations_are_refused(repo, path, value, message):
         load_artifact(_version_dir(repo))
 
 
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda dp: dp.update(replay_seed=0), "dp.replay_seed"),  # claims secure noise, carries its seed
+        (lambda dp: dp.update(seed=0), "dp.seed"),  # schema 1's replay seed
+        (lambda dp: dp.pop("secure_rng"), "dp.secure_rng"),  # no record of how the noise was drawn
+        (lambda dp: dp.pop("rng"), "dp.rng"),
+        (lambda dp: dp.update(secure_rng=False), "dp.replay_seed"),  # replayable, but the seed withheld
+    ],
+)
+def test_a_private_manifest_that_can_replay_its_noise_or_hides_how_is_refused(repo, edit, field):
+    """Refused at load, naming the file and the field: an epsilon a published seed can replay is
+    not delivered, and one whose randomness is not recorded cannot be checked."""
+    manifest_path = _version_dir(repo) / MANIFEST_FILE
+    data = json.loads(manifest_path.read_text())
+    assert data["dp"]["secure_rng"] is True and data["dp"]["replay_seed"] is None
+    edit(data["dp"])
+    manifest_path.write_text(json.dumps(data))
+    with pytest.raises(ModelArtifactError, match=rf"{manifest_path}: invalid manifest: .*{field}"):
+        load_artifact(_version_dir(repo))
+
+
 def test_tampered_model_file_is_refused(repo):
     path = _version_dir(repo) / MODEL_FILE
     data = bytearray(path.read_bytes())

@@ -24,18 +24,20 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelSummary(_message.Message):
-    __slots__ = ("name", "version", "manifest_json", "encrypted", "lanes")
+    __slots__ = ("name", "version", "manifest_json", "encrypted", "lanes", "privacy")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     ENCRYPTED_FIELD_NUMBER: _ClassVar[int]
     LANES_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     manifest_json: str
     encrypted: bool
     lanes: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., manifest_json: _Optional[str] = ..., encrypted: _Optional[bool] = ..., lanes: _Optional[int] = ...) -> None: ...
+    privacy: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., manifest_json: _Optional[str] = ..., encrypted: _Optional[bool] = ..., lanes: _Optional[int] = ..., privacy: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

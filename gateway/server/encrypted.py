@@ -67,6 +67,7 @@ class EncryptedServicer(pb_grpc.EncryptedInferenceServicer):
                     manifest_json=m.artifact.manifest.model_dump_json(),
                     encrypted=m.spec is not None,
                     lanes=m.spec.packing.lanes if m.spec else 0,
+                    privacy=m.artifact.manifest.dp.label,
                 )
                 for m in self.store.models()
             ]

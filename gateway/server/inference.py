@@ -21,6 +21,7 @@ from gateway.server.serving import ModelStore
 from gateway.server.tensors import inputs_from_request, output_tensor
 from gateway.status import status_for
 from models.errors import HegateError, InvalidArgumentError
+from models.manifest import DPRecord
 
 SERVER_NAME = "hegate"
 SERVER_VERSION = "0.1.0"
@@ -48,6 +49,18 @@ def observed(metrics: GatewayMetrics, model: str, path: str):
         metrics.requests.labels(model, path, status.name).inc()
         if status == grpc.StatusCode.OK:
             metrics.compute_seconds.labels(model, path).observe(time.perf_counter() - started)
+
+
+def privacy_parameters(dp: DPRecord) -> dict[str, pb.InferParameter]:
+    """The DP record as metadata parameters; ``epsilon`` is absent unless the record delivers it."""
+    parameters = {
+        "privacy": pb.InferParameter(string_param=dp.label),
+        "secure_rng": pb.InferParameter(bool_param=dp.secure_rng),
+    }
+    if dp.claims_dp:
+        parameters["epsilon"] = pb.InferParameter(double_param=dp.epsilon)
+        parameters["delta"] = pb.InferParameter(double_param=dp.delta)
+    return parameters
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -96,6 +109,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     name=manifest.output.name, datatype="FP32", shape=[-1, len(manifest.output.labels)]
                 )
             ],
+            parameters=privacy_parameters(manifest.dp),
         )
 
     @rpc
