@@ -25,16 +25,16 @@ the statistics live in :mod:`bench.one_run`. For each audited model:
    The audited model trained before the coins were drawn and never on the test split, so it is
    independent of the coins and may inform the guesses; it removes what dominates the raw score,
    each canary's own difficulty (how plausible its wrong label looks). Measured on mnist-cnn-eps8
-   with 1,000 canaries: the raw log-odds vary with a standard deviation of 10.0 across canaries and
-   correlate at 0.98 with the audited model's, the difference varies by 3.1, and the AUC of
-   included against excluded canaries rose from 0.526 to 0.566. The ``k+`` highest scores are
-   guessed "in", the ``k-`` lowest "out"; :func:`bench.one_run.best_bound` turns the correct
-   guesses into an epsilon that holds with 95% confidence, Bonferroni-corrected over the
-   ``(k+, k-)`` pairs fixed in :data:`GUESS_FRACTIONS`.
+   with 1,000 unmarked mislabelled digits: the raw log-odds vary with a standard deviation of
+   10.0 across canaries and correlate at 0.98 with the audited model's, the difference varies by
+   3.1, and the AUC of included against excluded canaries rose from 0.526 to 0.566. The ``k+``
+   highest scores are guessed "in", the ``k-`` lowest "out"; :func:`bench.one_run.best_bound`
+   turns the correct guesses into an epsilon that holds with 95% confidence, Bonferroni-corrected
+   over the ``(k+, k-)`` pairs fixed in :data:`GUESS_FRACTIONS`.
 
-What the bound rests on: the inclusion bits are independent of everything but the training run
-(drawn after the canaries are fixed, from a CSPRNG, never written down), and the training run's
-noise is random to the guesser. Until DP-SGD draws its noise from a CSPRNG, the run's noise comes
+What the bound rests on: the inclusion bits reach nothing but the training run (drawn after the
+canaries are fixed, from a CSPRNG, never written down), and the training run's noise is random to
+the guesser. Until DP-SGD draws its noise from a CSPRNG, the run's noise comes
 from torch's seeded generator: the guesser never uses that seed, but a formally deterministic
 mechanism is DP only in the sense that its pseudo-randomness fools the attack. The bound is a
 lower bound: what this attack extracts, not all that the model leaks.
@@ -43,8 +43,6 @@ lower bound: what this attack extracts, not all that the model leaks.
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import logging
 import math
 import secrets
 import time
@@ -56,10 +54,8 @@ from bench.membership import true_class_log_odds
 from bench.one_run import best_bound, guess_counts
 from models.data import Dataset, Split
 from models.errors import InvalidArgumentError
-from models.manifest import EmpiricalAudit
+from models.manifest import DPRecord, EmpiricalAudit
 from models.repository import ModelArtifact
-
-logger = logging.getLogger(__name__)
 
 METHOD = "one-run audit (Steinke, Nasr, Jagielski, NeurIPS 2023, arXiv:2305.08846)"
 CONFIDENCE = 0.95
@@ -71,12 +67,6 @@ RUN_SEED_OFFSET = 1000  # the audit run's seed is the model's plus this (shadows
 # precision came at 10-20% guessed (61-62%), both sides together beat "in" only (55-57%), and the
 # smallest fractions (1-2%) never gave a bound.
 GUESS_FRACTIONS = (0.05, 0.1, 0.2, 0.5, 1.0)
-# The bound grows with the number of guesses at a given precision: on the run above, 1,000 canaries
-# gave 0.042, and the same precision over 5,000 would give 0.26-0.29. The 2 m delta term stays small
-# (0.1 at MNIST's delta 1e-5, multiplied by a binomial probability near 0.001). Capped at the test
-# split's size: digits 360, breast_cancer 114, whose bounds are correspondingly weak.
-DEFAULT_CANARIES = 5000
-QUICK_CANARIES = 200
 MARKS = 16  # bright pixels per image canary
 BLANK_SHARE = 0.99  # a pixel is blank if 0 in this share of the public split
 
@@ -124,8 +114,9 @@ def make_canaries(dataset: Dataset, *, count: int, seed: int = CANARY_SEED) -> C
     against 27% for an unmarked digit: the data then hardly pulls the model back from what a canary
     pushed, and the marks make each canary's push its own. Marks alone do not work: a blank image
     with marks is, after centring, mostly the negated mean feature vector that every such canary
-    shares (cosine 0.72-0.97 with it). Measured on mnist-cnn-eps8, 5,000 canaries, one run each,
-    calibrated scores: empirical epsilon 0.020 with plain mislabelled digits, 0.255 with marked ones.
+    shares (cosine 0.72-0.97 with it). Measured on mnist-cnn-eps8, 5,000 canaries, one run each:
+    empirical epsilon 0.020 with plain mislabelled digits, 0.243 with marked ones
+    (``python -m bench.audit --one-run-only --models mnist-cnn-eps8``, 2026-12-03).
 
     Raises:
         InvalidArgumentError: more canaries than test examples.
@@ -171,7 +162,7 @@ class OneRunResult:
     scores: np.ndarray
     included: np.ndarray
     seconds: float
-    dp: object  # the audit run's DPRecord
+    dp: DPRecord  # the audit run's
 
 
 def train_and_score(
@@ -280,6 +271,6 @@ def audit_record(row: dict, *, date: str, results_file: str) -> EmpiricalAudit:
         canary_kind=row["canary_kind"],
         guesses=row["guesses"],
         correct=row["correct"],
-        date=date or datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        date=date,
         results_file=results_file,
     )
