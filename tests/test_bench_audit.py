@@ -280,6 +280,7 @@ def test_without_the_train_extra_the_audit_says_what_to_install(monkeypatch, cap
 
 def test_quick_one_run_audit_end_to_end(tiny_repo, digits, tmp_path, capsys):
     """Digits models, 200 canaries (the quick setting), one run each: a finite bound, below the accountant's."""
+    from bench.one_run import epsilon_lower_bound
     from gateway.cli import main
 
     assert main(["bench", "audit", "--repo", str(tiny_repo), "--quick", "--one-run-only", "--out", str(tmp_path)]) == 0
@@ -294,7 +295,10 @@ def test_quick_one_run_audit_end_to_end(tiny_repo, digits, tmp_path, capsys):
         assert row["confidence"] == 0.95 and row["per_pair_confidence"] == pytest.approx(1 - 0.05 / 5)
         assert len(row["pairs"]) == 5 and row["correct"] <= row["guesses"] <= row["canaries"]
         assert row["run"]["private_size"] == len(digits.private) + row["included"]
-        assert math.isfinite(row["epsilon_lower_bound"]) and row["epsilon_lower_bound"] >= 0
+        assert math.isfinite(row["epsilon_lower_bound"]) and 0 <= row["epsilon_lower_bound"] <= row["ceiling"]
+        assert row["ceiling"] == epsilon_lower_bound(
+            canaries=200, guesses=200, correct=200, delta=row["delta"], confidence=1 - 0.05 / 5
+        )
     assert 0 <= private["epsilon_lower_bound"] < private["accountant_epsilon"] <= 1.0
     assert not private["above_accountant"] and public["accountant_epsilon"] == "inf"
     assert "# One-run privacy audit" in markdown and "FAILURE" not in markdown
