@@ -89,7 +89,7 @@ QUICK_SHADOWS = 2
 # if the canaries do not get in each other's way. Measured on mnist-cnn-eps8 (one run each,
 # 2026-12-03): plain mislabelled digits gave 0.042 with 1,000 canaries but 0.020 with 5,000 (precision
 # fell from 61% to 52-58%); marked canaries (bench.one_run_audit.make_canaries) gave 0.153 with 2,500,
-# 0.243 with 5,000 and 0.123 with 10,000 (the whole test split). Single runs: their spread is unmeasured.
+# 0.243 and 0.173 in two runs with 5,000, and 0.123 with 10,000 (the whole test split).
 # The 2 m delta term stays small (0.1 at MNIST's delta 1e-5, times a binomial probability near 0.001).
 # Capped at the test split's size: digits 359, breast_cancer 114, whose bounds are correspondingly weak.
 DEFAULT_CANARIES = 5000

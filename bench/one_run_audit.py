@@ -115,8 +115,8 @@ def make_canaries(dataset: Dataset, *, count: int, seed: int = CANARY_SEED) -> C
     pushed, and the marks make each canary's push its own. Marks alone do not work: a blank image
     with marks is, after centring, mostly the negated mean feature vector that every such canary
     shares (cosine 0.72-0.97 with it). Measured on mnist-cnn-eps8, 5,000 canaries, one run each:
-    empirical epsilon 0.020 with plain mislabelled digits, 0.243 with marked ones
-    (``python -m bench.audit --one-run-only --models mnist-cnn-eps8``, 2026-12-03).
+    empirical epsilon 0.020 with plain mislabelled digits, 0.243 and 0.173 (two runs) with marked
+    ones (``python -m bench.audit --one-run-only --models mnist-cnn-eps8``, 2026-12-03).
 
     Raises:
         InvalidArgumentError: more canaries than test examples.
