@@ -61,9 +61,11 @@ bench-privacy: $(DEV_STAMP)
 bench-peer: $(DEV_STAMP)
 	$(BIN)/python -m bench.peer
 
-# Membership-inference audit of every bundled model: loss and offline LiRA, 8 shadow models each (~30 min)
+# Membership-inference audit of every bundled model (loss and offline LiRA, 8 shadow models each, ~30 min),
+# then the one-run audit's empirical epsilon of each (one training run with 5,000 canaries, 1-2 min each),
+# recorded in each model's manifest.json (model.onnx does not change)
 bench-audit: $(DEV_STAMP)
-	$(BIN)/python -m bench.audit
+	$(BIN)/python -m bench.audit --write-manifests
 
 # Retrain every bundled model (about 10 minutes); these are the commands their manifests record.
 # The non-private baselines clip looser (with no noise, the DP recipes' tight clip only slows them).

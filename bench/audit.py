@@ -1,8 +1,10 @@
-"""``hegate bench audit``: a membership-inference audit of each model in a repository.
+"""``hegate bench audit``: a membership-inference audit and a one-run privacy audit of each model.
 
     hegate bench audit                                   # the bundled models, 8 shadows each (~30 min)
     hegate bench audit --models mnist-cnn-eps1 mnist-cnn-epsinf --shadows 8
     hegate bench audit --repo model_repo --quick         # smoke run, too small to conclude anything
+    hegate bench audit --one-run-only --models mnist-cnn-eps8   # only the empirical epsilon
+    hegate bench audit --write-manifests                 # also record each bound in its manifest.json
     python -m bench.audit ...                            # the same, without the CLI
 
 The audited set, per dataset: ``m`` members drawn from the private split, which every model
@@ -21,8 +23,19 @@ for the small datasets, balanced). Two attacks score each example, higher meanin
 Each attack gets its AUC with a Hanley-McNeil 95% interval and its TPR at 1% and 0.1% FPR, next
 to the most that (epsilon, delta)-DP allows any attack. Per architecture, the non-private model
 is compared with the most private one on both measures, with paired-bootstrap intervals on the
-differences. Results go to ``audit.{json,md}`` in ``--out``
-(``bench/results`` by default; ``audit-quick.*`` for ``--quick``). Needs the ``train`` extra.
+differences.
+
+The **one-run audit** (:mod:`bench.one_run_audit`, after Steinke, Nasr and Jagielski 2023) turns
+an attack into an epsilon: canaries inserted into one more training run with the model's own
+mechanism, each with a secret coin, are guessed afterwards, and the correct guesses give an
+empirical lower bound on epsilon at 95% confidence, reported beside the accountant's. A bound
+above the accountant's epsilon is a failure: the report says so at its top and the command exits
+with status 1. ``--write-manifests`` records each bound in the model's ``manifest.json`` (the
+``audit`` field, shown by ``hegate models`` and returned by ListModels); ``model.onnx`` and its
+hash do not change.
+
+Results go to ``audit.{json,md}`` in ``--out`` (``bench/results`` by default; ``audit-quick.*``
+for ``--quick``, ``audit-one-run[-quick].*`` for ``--one-run-only``). Needs the ``train`` extra.
 """
 
 from __future__ import annotations
@@ -59,7 +72,7 @@ from models.data import Dataset, Split, load_dataset
 from models.errors import HegateError, InternalError, InvalidArgumentError
 from models.manifest import DPRecord
 from models.onnx_runtime import create_session, predict_logits
-from models.repository import ModelArtifact, ModelRepository
+from models.repository import ModelArtifact, ModelRepository, record_audit
 
 if TYPE_CHECKING:  # the train extra, imported where it is used so that the CLI starts without it
     from models.recipes import Recipe
@@ -72,6 +85,15 @@ DEFAULT_EXAMPLES = 5000
 DEFAULT_SHADOWS = 8
 QUICK_EXAMPLES = 200
 QUICK_SHADOWS = 2
+# One-run audit: canaries per model. The bound grows with the number of guesses at a given precision,
+# if the canaries do not get in each other's way. Measured on mnist-cnn-eps8 (one run each,
+# 2026-12-03): plain mislabelled digits gave 0.042 with 1,000 canaries but 0.020 with 5,000 (precision
+# fell from 61% to 52-58%); marked canaries (bench.one_run_audit.make_canaries) gave 0.153 with 2,500,
+# 0.243 and 0.173 in two runs with 5,000, and 0.123 with 10,000 (the whole test split).
+# The 2 m delta term stays small (0.1 at MNIST's delta 1e-5, times a binomial probability near 0.001).
+# Capped at the test split's size: digits 359, breast_cancer 114, whose bounds are correspondingly weak.
+DEFAULT_CANARIES = 5000
+QUICK_CANARIES = 200
 FPRS = (0.01, 0.001)
 AUDIT_SEED = 0  # draws the audited examples; shadow k of a target seeded s trains with seed s + 1 + k
 ATTACKS = {"loss": "loss threshold", "lira_offline": "offline LiRA"}
@@ -461,18 +483,82 @@ def _shadow_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def markdown(result: dict) -> str:
+def _one_run_method(settings: dict) -> str:
+    return (
+        'Steinke, Nasr and Jagielski, "Privacy auditing with one (1) training run" (NeurIPS 2023). Per model: '
+        f"up to {settings['canaries']:,} canaries (test-split examples with a wrong label, images with "
+        "bright pixels where the public split is blank; fewer when the test split is smaller), each included "
+        "with probability 1/2 by a coin from the OS CSPRNG that only the auditor holds; "
+        "one DP-SGD run with the model's recipe and mechanism (noise multiplier, clipping, sample rate, steps; the "
+        "batch size adjusted to keep the sample rate) on the private split plus the included canaries; each canary "
+        "scored by the run's fp32 model's log-odds on its label minus the audited model's own (int8, as served; "
+        "it never saw the coins); the k+ highest guessed in, the k- lowest out. "
+        "The bound is the theorem's for (epsilon, delta)-DP at the model's delta, including its 2 m delta term, at "
+        f"{settings['one_run_confidence']:.0%} confidence, Bonferroni-corrected over the "
+        f"{settings['one_run_pairs']} (k+, k-) pairs fixed in advance (each tested at "
+        f"{1 - (1 - settings['one_run_confidence']) / settings['one_run_pairs']:.2%}). It bounds what this attack "
+        "extracts from the mechanism; it is not an estimate of the model's true epsilon."
+    )
+
+
+def _one_run_table(rows: list[dict]) -> list[str]:
     lines = [
-        "# Membership-inference audit",
+        "| model | epsilon (accountant) | canaries (included) | guesses in / out | correct "
+        "| empirical epsilon >= (95%) | most it could show | within | run s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        accountant = "inf, no noise" if r["accountant_epsilon"] == "inf" else f"{r['accountant_epsilon']:.3f}"
+        within = "**NO: above the accountant**" if r["above_accountant"] else "yes"
+        lines.append(
+            f"| {r['model']} | {accountant} (delta {r['delta']:g}) | {r['canaries']:,} ({r['included']:,}) "
+            f"| {r['positives']} / {r['negatives']} | {r['correct']} | {r['epsilon_lower_bound']:.3f} "
+            f"| {r['ceiling']:.2f} | {within} "
+            f"| {r['run']['seconds']:.0f} |"
+        )
+    return lines
+
+
+def _one_run_failures(rows: list[dict]) -> list[str]:
+    return [r["model"] for r in rows if r["above_accountant"]]
+
+
+def _one_run_section(result: dict) -> list[str]:
+    rows = result["one_run"]
+    lines = ["## One-run audit: an empirical epsilon beside the accountant's", "", _one_run_method(result["settings"])]
+    lines += ["", *_one_run_table(rows), ""]
+    lines += [
+        "Every pair's count, for each model, is in the JSON (`one_run[].pairs`); the reported pair is the best "
+        "of them, which the correction already pays for. *Most it could show*: the bound had every guess of the "
+        "largest pair been right; where it lies below the accountant's epsilon, no attack could have made this "
+        "audit fail, so its *within* says nothing there.",
+        "",
+    ]
+    return lines
+
+
+def markdown(result: dict) -> str:
+    one_run_only = result["settings"]["one_run_only"]
+    lines = [
+        "# One-run privacy audit" if one_run_only else "# Membership-inference audit",
         "",
         f"`{result['command']}` on {result['date']}, {result['machine']}; {result['seconds'] / 60:.1f} min, "
         f"load average {result['load_average_at_start'][0]} at start, {result['load_average_at_end'][0]} at end.",
         "",
-        _method(result["settings"]),
-        "",
     ]
+    failures = _one_run_failures(result["one_run"])
+    if failures:
+        lines += [
+            f"**FAILURE: the one-run audit's lower bound exceeds the accountant's epsilon for {', '.join(failures)}**: "
+            "with 95% confidence the training code leaks more than its privacy proof allows (or the audit is "
+            "broken). See the one-run table below.",
+            "",
+        ]
     if result["settings"]["quick"]:
-        lines += ["**Quick run**: too few examples and shadows to conclude anything.", ""]
+        lines += ["**Quick run**: too few examples, shadows and canaries to conclude anything.", ""]
+    if one_run_only:
+        return "\n".join([*lines, *_one_run_section(result)])
+    lines += [_method(result["settings"]), ""]
     for dataset in sorted({r["dataset"] for r in result["models"]}):
         lines += [*_dataset_table([r for r in result["models"] if r["dataset"] == dataset]), ""]
     lines += ["## Non-private against the most private model", ""]
@@ -488,7 +574,8 @@ def markdown(result: dict) -> str:
             "",
         ]
     lines += _shadow_table(result["models"])
-    return "\n".join(lines) + "\n"
+    lines += ["", *_one_run_section(result)]
+    return "\n".join(lines)
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -496,10 +583,24 @@ def _command(args: argparse.Namespace) -> str:
     return getattr(args, "invocation", None) or shlex.join(["hegate", *args.argv])
 
 
+def _output_name(args: argparse.Namespace) -> str:
+    return ("audit-one-run" if args.one_run_only else "audit") + ("-quick" if args.quick else "")
+
+
 def run(args: argparse.Namespace) -> int:
+    """Both audits (or only the one-run audit); exit status 1 if a one-run bound exceeds its accountant's epsilon.
+
+    Raises:
+        InvalidArgumentError: ``--write-manifests`` with ``--quick``.
+    """
+    if args.write_manifests and args.quick:
+        raise InvalidArgumentError("--write-manifests records a full audit; a --quick run is too small to record")
     tqdm, logging_redirect_tqdm = _require_training()
+    from bench import one_run_audit
+
     shadows = args.shadows or (QUICK_SHADOWS if args.quick else DEFAULT_SHADOWS)
     examples = args.examples or (QUICK_EXAMPLES if args.quick else DEFAULT_EXAMPLES)
+    canaries = args.canaries or (QUICK_CANARIES if args.quick else DEFAULT_CANARIES)
     repository = ModelRepository(args.repo)
     artifacts = [repository.get(name) for name in args.models] if args.models else repository.artifacts()
     result: dict = {
@@ -511,39 +612,74 @@ def run(args: argparse.Namespace) -> int:
             "shadows": shadows,
             "examples": examples,
             "quick": args.quick,
+            "one_run_only": args.one_run_only,
             "audit_seed": AUDIT_SEED,
             "fprs": list(FPRS),
+            "canaries": canaries,
+            "one_run_confidence": one_run_audit.CONFIDENCE,
+            "one_run_pairs": len(one_run_audit.audit_pairs(canaries)),
         },
     }
     started = time.perf_counter()
-    prepared: dict[str, AuditData] = {}
-    audits: list[ModelAudit] = []
-    with (
-        tempfile.TemporaryDirectory(prefix="hegate-audit-") as workdir,
-        tqdm(total=len(artifacts) * shadows, desc="shadow models", unit="model") as bar,
-        logging_redirect_tqdm(),
-    ):
+    datasets: dict[str, Dataset] = {}
+    if not args.one_run_only:
+        prepared: dict[str, AuditData] = {}
+        audits: list[ModelAudit] = []
+        with (
+            tempfile.TemporaryDirectory(prefix="hegate-audit-") as workdir,
+            tqdm(total=len(artifacts) * shadows, desc="shadow models", unit="model") as bar,
+            logging_redirect_tqdm(),
+        ):
+            for artifact in artifacts:
+                name = artifact.manifest.dp.dataset
+                if name not in prepared:
+                    prepared[name] = prepare_audit(name, examples=examples)
+                    datasets[name] = prepared[name].dataset
+                audit = audit_model(
+                    artifact, prepared[name], shadows=shadows, workdir=Path(workdir), command=result["command"], bar=bar
+                )
+                audits.append(audit)
+                bar.write(
+                    f"{audit.row['model']}: "
+                    + ", ".join(
+                        f"{ATTACKS[a]} AUC {v['auc']:.3f}, TPR@1%FPR {v['tpr_at_fpr']['0.01']['tpr']:.2%}"
+                        for a, v in audit.row["attacks"].items()
+                    )
+                )
+        print("comparing non-private and private models (paired bootstrap)...", file=sys.stderr, flush=True)
+        result["models"] = [a.row for a in audits]
+        result["comparisons"] = compare(audits)
+    rows = []
+    with tqdm(total=len(artifacts), desc="one-run audits", unit="model") as bar, logging_redirect_tqdm():
         for artifact in artifacts:
             name = artifact.manifest.dp.dataset
-            if name not in prepared:
-                prepared[name] = prepare_audit(name, examples=examples)
-            audit = audit_model(
-                artifact, prepared[name], shadows=shadows, workdir=Path(workdir), command=result["command"], bar=bar
-            )
-            audits.append(audit)
+            if name not in datasets:
+                datasets[name] = load_dataset(name)
+            bar.set_postfix_str(artifact.manifest.name)
+            row = one_run_audit.one_run_audit(artifact, datasets[name], canaries=canaries)
+            rows.append(row)
+            bar.update()
             bar.write(
-                f"{audit.row['model']}: "
-                + ", ".join(
-                    f"{ATTACKS[a]} AUC {v['auc']:.3f}, TPR@1%FPR {v['tpr_at_fpr']['0.01']['tpr']:.2%}"
-                    for a, v in audit.row["attacks"].items()
-                )
+                f"{row['model']}: empirical epsilon >= {row['epsilon_lower_bound']:.3f} "
+                f"(accountant {row['accountant_epsilon']}), {row['correct']}/{row['guesses']} correct guesses"
             )
-    print("comparing non-private and private models (paired bootstrap)...", file=sys.stderr, flush=True)
-    result["models"] = [a.row for a in audits]
-    result["comparisons"] = compare(audits)
+    result["one_run"] = rows
+    failures = _one_run_failures(rows)
+    result["one_run_failures"] = failures
     result["seconds"] = round(time.perf_counter() - started, 1)
     result["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
-    write("audit-quick" if args.quick else "audit", result, markdown(result), directory=args.out)
+    output = _output_name(args)
+    write(output, result, markdown(result), directory=args.out)
+    if args.write_manifests:
+        for artifact, row in zip(artifacts, rows, strict=True):
+            record = one_run_audit.audit_record(row, date=result["date"], results_file=f"{output}.json")
+            record_audit(artifact, record)
+    if failures:
+        print(
+            f"bench.audit: FAILURE: one-run lower bound above the accountant's epsilon for {', '.join(failures)}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -587,14 +723,33 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"smoke run: {QUICK_SHADOWS} shadows, {QUICK_EXAMPLES} examples a side; writes audit-quick.*",
+        help=f"smoke run: {QUICK_SHADOWS} shadows, {QUICK_EXAMPLES} examples a side, {QUICK_CANARIES} canaries; "
+        "writes audit-quick.*",
+    )
+    parser.add_argument(
+        "--one-run-only",
+        action="store_true",
+        help="only the one-run audit (no membership attacks, no shadows); writes audit-one-run.*",
+    )
+    parser.add_argument(
+        "--canaries",
+        type=_at_least(10),
+        help=f"one-run audit: canaries per model (default {DEFAULT_CANARIES:,}, {QUICK_CANARIES} with --quick; "
+        "at most the test split's size)",
+    )
+    parser.add_argument(
+        "--write-manifests",
+        action="store_true",
+        help="record each model's one-run bound in its manifest.json (the model file does not change)",
     )
     parser.set_defaults(handler=run)
 
 
 def add_parser(commands) -> None:
     audit = commands.add_parser(
-        "audit", help="membership-inference audit of each model (loss and offline LiRA attacks); needs 'train'"
+        "audit",
+        help="membership-inference audit (loss, offline LiRA) and one-run empirical epsilon of each model; "
+        "needs 'train'",
     )
     _add_arguments(audit)
 

@@ -67,14 +67,23 @@ def _epsilon_text(manifest: Manifest) -> str:
     return f"{dp.epsilon:.2f}" if dp.secure_rng else "none"
 
 
+def _audit_text(manifest: Manifest) -> str:
+    """The one-run audit's empirical lower bound on epsilon, at its confidence; ``-`` if never audited."""
+    audit = manifest.audit
+    return "-" if audit is None else f">={audit.epsilon_lower_bound:.2f} ({audit.confidence:.0%})"
+
+
 def _print_models(manifests: list[Manifest], sizes: list[int]) -> None:
-    header = f"{'model':<26}{'ver':>4}{'epsilon':>9}{'delta':>8}{'fp32':>8}{'int8':>8}{'size':>10}{'depth':>7}"
+    header = (
+        f"{'model':<26}{'ver':>4}{'epsilon':>9}{'delta':>8}{'fp32':>8}{'int8':>8}{'size':>10}{'depth':>7}"
+        f"{'audited epsilon':>18}"
+    )
     print(header)
     for manifest, size in zip(manifests, sizes, strict=True):
         print(
             f"{manifest.name:<26}{manifest.version:>4}{_epsilon_text(manifest):>9}{manifest.dp.delta:>8.0e}"
             f"{manifest.metrics.fp32_accuracy:>8.2%}{manifest.metrics.int8_accuracy:>8.2%}"
-            f"{size / 1024:>8.1f}KB{manifest.multiplicative_depth:>7}"
+            f"{size / 1024:>8.1f}KB{manifest.multiplicative_depth:>7}{_audit_text(manifest):>18}"
         )
     if any(m.dp.private and not m.dp.secure_rng for m in manifests):
         print("epsilon none: trained with --replayable-noise; its seed replays the noise, so it is not a DP model")

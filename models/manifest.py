@@ -191,6 +191,37 @@ class LayerRecord(_Record):
     levels: int = Field(ge=0, description="CKKS multiplicative levels this layer consumes")
 
 
+class EmpiricalAudit(_Record):
+    """An empirical lower bound on epsilon from a one-run privacy audit, beside the accountant's figure.
+
+    The accountant's epsilon is an upper bound proved for the algorithm; this one is measured on
+    the code that actually ran: canaries inserted into a training run with the model's own DP-SGD
+    mechanism (noise multiplier, clipping, sample rate, steps), guessed afterwards, and turned into
+    an epsilon that the mechanism exceeds with probability at most ``1 - confidence`` if the
+    audit is sound (Steinke, Nasr and Jagielski 2023). A bound above the accountant's epsilon
+    means the implementation leaks more than its proof allows. It is a lower bound: a small value
+    says the attack found little, not that the model leaks little. It does not describe
+    ``model.onnx`` (which ``files`` hashes) but another run of the same mechanism.
+    """
+
+    method: str = Field(description="the auditing procedure, with its reference")
+    epsilon_lower_bound: float = Field(ge=0, description="empirical: the mechanism's epsilon is at least this")
+    confidence: float = Field(gt=0, lt=1, description="probability that the bound holds, over the audit's coins")
+    delta: float = Field(ge=0, lt=1, description="the delta at which epsilon is bounded (the model's own)")
+    canaries: int = Field(gt=0, description="m: canaries, each included in the audit run with probability 1/2")
+    canary_kind: str
+    guesses: int = Field(ge=0, description="r: canaries guessed in or out (the others abstained on)")
+    correct: int = Field(ge=0)
+    date: str
+    results_file: str = Field(description="the benchmark results that hold the whole audit")
+
+    @model_validator(mode="after")
+    def _counts_in_order(self) -> EmpiricalAudit:
+        if not self.correct <= self.guesses <= self.canaries:
+            raise ValueError("need correct <= guesses <= canaries")
+        return self
+
+
 class Manifest(_Record):
     schema_version: Literal[2] = MANIFEST_SCHEMA_VERSION
     name: str = Field(pattern=MODEL_NAME_PATTERN)
@@ -207,6 +238,7 @@ class Manifest(_Record):
     metrics: Metrics
     training: TrainingRecord
     files: dict[str, FileRecord]
+    audit: EmpiricalAudit | None = None
 
     @field_validator("files")
     @classmethod

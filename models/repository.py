@@ -17,7 +17,7 @@ import onnx
 from pydantic import ValidationError
 
 from models.errors import ModelArtifactError, NotFoundError
-from models.manifest import MANIFEST_FILE, MODEL_FILE, FileRecord, Manifest
+from models.manifest import MANIFEST_FILE, MODEL_FILE, EmpiricalAudit, FileRecord, Manifest
 
 
 @dataclass(frozen=True)
@@ -101,10 +101,26 @@ def write_artifact(root: Path, fields: dict[str, Any], model: onnx.ModelProto) -
     directory = root / fields["name"] / str(fields["version"])
     directory.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(directory / MODEL_FILE))
-    manifest = Manifest(**fields, files={MODEL_FILE: file_record(directory / MODEL_FILE)})
+    _write_manifest(directory, Manifest(**fields, files={MODEL_FILE: file_record(directory / MODEL_FILE)}))
+    return load_artifact(directory)
+
+
+def _write_manifest(directory: Path, manifest: Manifest) -> None:
     payload = json.loads(manifest.model_dump_json())
     (directory / MANIFEST_FILE).write_text(json.dumps(payload, indent=2) + "\n")
-    return load_artifact(directory)
+
+
+def record_audit(artifact: ModelArtifact, audit: EmpiricalAudit) -> ModelArtifact:
+    """Write ``audit`` into the artifact's ``manifest.json`` (replacing any earlier one) and load it back.
+
+    Only the manifest changes: ``files`` hashes ``model.onnx`` alone, so the model and its hash stay
+    as they were, and a server or client that validates the artifact accepts it as before.
+
+    Raises:
+        ModelArtifactError: the artifact no longer validates after the write.
+    """
+    _write_manifest(artifact.directory, artifact.manifest.model_copy(update={"audit": audit}))
+    return load_artifact(artifact.directory)
 
 
 class ModelRepository:

@@ -273,3 +273,113 @@ def test_without_the_train_extra_the_audit_says_what_to_install(monkeypatch, cap
     assert audit.main(["--quick", "--out", str(tmp_path)]) == 2  # python -m bench.audit
     assert capsys.readouterr().err.startswith("bench.audit: error: 'torch' is not installed")
     assert not list(tmp_path.iterdir())
+
+
+# -- the one-run audit ------------------------------------------------------------------------
+
+
+def test_quick_one_run_audit_end_to_end(tiny_repo, digits, tmp_path, capsys):
+    """Digits models, 200 canaries (the quick setting), one run each: a finite bound, below the accountant's."""
+    from bench.one_run import epsilon_lower_bound
+    from gateway.cli import main
+
+    assert main(["bench", "audit", "--repo", str(tiny_repo), "--quick", "--one-run-only", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "audit-one-run-quick.json").read_text())
+    markdown = (tmp_path / "audit-one-run-quick.md").read_text()
+    assert "models" not in result and result["settings"]["one_run_only"] and result["one_run_failures"] == []
+    assert not (tmp_path / "audit-quick.json").exists()
+    private, public = result["one_run"]
+    assert (private["model"], public["model"]) == ("digits-mlp-eps1", "digits-mlp-epsinf")
+    for row in result["one_run"]:
+        assert row["canaries"] == 200 and 60 < row["included"] < 140
+        assert row["confidence"] == 0.95 and row["per_pair_confidence"] == pytest.approx(1 - 0.05 / 5)
+        assert len(row["pairs"]) == 5 and row["correct"] <= row["guesses"] <= row["canaries"]
+        assert row["run"]["private_size"] == len(digits.private) + row["included"]
+        assert math.isfinite(row["epsilon_lower_bound"]) and 0 <= row["epsilon_lower_bound"] <= row["ceiling"]
+        assert row["ceiling"] == epsilon_lower_bound(
+            canaries=200, guesses=200, correct=200, delta=row["delta"], confidence=1 - 0.05 / 5
+        )
+    assert 0 <= private["epsilon_lower_bound"] < private["accountant_epsilon"] <= 1.0
+    assert not private["above_accountant"] and public["accountant_epsilon"] == "inf"
+    assert "# One-run privacy audit" in markdown and "FAILURE" not in markdown
+    assert f"| digits-mlp-eps1 | {private['accountant_epsilon']:.3f} (delta {private['delta']:g}) | 200 (" in markdown
+    assert "empirical epsilon >=" in capsys.readouterr().out
+
+
+def test_a_non_private_model_leaks_to_the_one_run_audit(digits, tmp_path):
+    """Without noise, mislabelled canaries are learnt: the audit must find a clearly positive epsilon,
+    or it could not detect anything."""
+    from bench.one_run_audit import one_run_audit
+    from models.pipeline import train_model
+    from models.recipes import recipe_for
+
+    # 100 epochs at a high learning rate, so that the MLP learns its mislabelled canaries (a few seconds);
+    # five runs gave 1.07-1.84. Were the canaries not trained on, the bound would be 0 in 95% of runs.
+    recipe = recipe_for("digits", "mlp", epsilon=math.inf, epochs=100, learning_rate=0.5)
+    artifact = train_model(recipe=recipe, out=tmp_path, command="test", progress=False).artifact
+    row = one_run_audit(artifact, digits, canaries=1000)  # capped at the test split's 359
+    assert row["canaries"] == len(digits.test) == 359
+    assert row["epsilon_lower_bound"] > 0.5, row
+    assert not row["above_accountant"]  # nothing is above infinity
+
+
+def test_a_bound_above_the_accountant_fails_loudly(tiny_repo, tmp_path, monkeypatch, capsys):
+    """A fake run whose scores give every coin away: the bound exceeds epsilon 1 and the benchmark fails."""
+    from bench import audit, one_run_audit
+    from gateway.cli import main
+
+    def leaking(artifact, dataset, *, canaries, included):
+        scores = included.astype(float)
+        return one_run_audit.OneRunResult(scores=scores, included=included, seconds=0.0, dp=artifact.manifest.dp)
+
+    monkeypatch.setattr(one_run_audit, "train_and_score", leaking)
+    argv = ["--repo", str(tiny_repo), "--quick", "--one-run-only", "--out", str(tmp_path)]
+    assert main(["bench", "audit", *argv]) == 1
+    result = json.loads((tmp_path / "audit-one-run-quick.json").read_text())
+    assert result["one_run_failures"] == ["digits-mlp-eps1"]  # the non-private one has no epsilon to exceed
+    private = result["one_run"][0]
+    assert private["above_accountant"] and private["epsilon_lower_bound"] > 2
+    assert private["correct"] == private["guesses"] >= 100  # a perfect score: no guess is wrong
+    markdown = (tmp_path / "audit-one-run-quick.md").read_text()
+    assert markdown.count("**FAILURE") == 1 and "for digits-mlp-eps1**" in markdown
+    assert "**NO: above the accountant**" in markdown
+    assert "FAILURE: one-run lower bound above the accountant's epsilon for digits-mlp-eps1" in capsys.readouterr().err
+    assert audit.main(argv) == 1  # python -m bench.audit
+
+
+def test_the_bound_is_recorded_in_the_manifest_and_listed(tiny_repo, tmp_path, capsys):
+    """--write-manifests puts the bound in manifest.json (model.onnx untouched); hegate models shows it."""
+    import shutil
+
+    from gateway.cli import main
+    from models.manifest import Manifest
+    from models.repository import ModelRepository
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo, repo)
+    before = {a.manifest.name: a.manifest for a in ModelRepository(repo).artifacts()}
+    assert all(m.audit is None for m in before.values())
+    argv = ["bench", "audit", "--repo", str(repo), "--one-run-only", "--write-manifests", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    rows = {r["model"]: r for r in json.loads((tmp_path / "audit-one-run.json").read_text())["one_run"]}
+    for artifact in ModelRepository(repo).artifacts():  # loading re-checks every hash
+        manifest, row = artifact.manifest, rows[artifact.manifest.name]
+        assert manifest.files == before[manifest.name].files and manifest.dp == before[manifest.name].dp
+        audit = manifest.audit
+        assert (audit.epsilon_lower_bound, audit.confidence, audit.delta) == (
+            row["epsilon_lower_bound"],
+            0.95,
+            manifest.dp.delta,
+        )
+        assert (audit.canaries, audit.guesses, audit.correct) == (row["canaries"], row["guesses"], row["correct"])
+        assert "arXiv:2305.08846" in audit.method and audit.results_file == "audit-one-run.json"
+        assert Manifest.model_validate_json(manifest.model_dump_json()) == manifest
+    capsys.readouterr()
+    assert main(["models", "--repo", str(repo)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[-2:] == ["audited", "epsilon"]
+    for line in out[1:]:
+        name = line.split()[0]
+        assert line.endswith(f">={rows[name]['epsilon_lower_bound']:.2f} (95%)")
+    assert main([*argv, "--quick"]) == 2  # refused before anything trains
+    assert "a --quick run is too small to record" in capsys.readouterr().err

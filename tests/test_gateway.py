@@ -39,7 +39,8 @@ from gateway.settings import BUNDLED_REPOSITORY
 from models import onnx_runtime
 from models.data import load_dataset
 from models.errors import NotFoundError, ResourceExhaustedError
-from models.manifest import Manifest
+from models.manifest import EmpiricalAudit, Manifest
+from models.repository import load_artifact, record_audit
 
 MNIST = "mnist-cnn-eps3"
 CANCER = "breast-cancer-linear-eps3"
@@ -192,9 +193,26 @@ def outcomes(futures: list[grpc.Future]) -> list[grpc.StatusCode]:
 # -- gateways ---------------------------------------------------------------------------------
 
 
+# What `hegate bench audit --write-manifests` records; the breast-cancer copy carries it, the MNIST one does not.
+AUDIT = EmpiricalAudit(
+    method="one-run audit (test record)",
+    epsilon_lower_bound=0.25,
+    confidence=0.95,
+    delta=1e-4,
+    canaries=114,
+    canary_kind="test-split examples, wrong label",
+    guesses=22,
+    correct=16,
+    date="2026-12-03T00:00:00+00:00",
+    results_file="audit.json",
+)
+
+
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory):
-    return small_repository(tmp_path_factory.mktemp("repository"))
+    root = small_repository(tmp_path_factory.mktemp("repository"))
+    record_audit(load_artifact(root / CANCER / "1"), AUDIT)
+    return root
 
 
 def _started(gateway: GatewayProcess):
@@ -344,6 +362,9 @@ def test_list_models_carries_the_manifests_dp_record_and_encryption(gateway, cli
     assert raw[MNIST]["dp"]["delta"] == 1e-5
     privacy = {m.name: m.privacy for m in stub.ListModels(hv1.ListModelsRequest(), timeout=TIMEOUT).models}
     assert privacy[MNIST] == _manifest(MNIST).dp.label and privacy[MNIST].startswith("epsilon: 2.99")
+    # the one-run audit's empirical epsilon travels with the manifest, where one was recorded
+    assert infos[CANCER].manifest.audit == AUDIT and infos[MNIST].manifest.audit is None
+    assert raw[CANCER]["audit"]["epsilon_lower_bound"] == 0.25 and raw[MNIST]["audit"] is None
 
 
 @pytest.mark.parametrize("port", ["grpc.aio", "fast path"])
