@@ -38,8 +38,8 @@ def logit_grid(*, bound: float) -> float:
     noise of a boundary: the rest of the error (the rounding of the server's encoded weights) is
     the same for every encryption of an input and involves no key. The measured error is 40 to
     3,000 times smaller than the bound, so that is rare: two encryptions of the same input
-    decrypted to identical rounded logits for 99.1-100% of 200 test images per bundled model
-    (2026-12-03; ``tests/test_he_engine.py`` requires 97%). A power of two makes every rounded
+    decrypted to identical rounded logits for all 320 repeated inputs of
+    ``tests/test_he_engine.py`` (2026-12-03; it requires 97%). A power of two makes every rounded
     logit an exact float64 multiple of the grid.
 
     Class decisions: rounding is monotone, so it never reverses two logits; it can only make them
