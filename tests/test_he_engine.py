@@ -160,7 +160,7 @@ def test_encrypted_logits_are_within_the_stated_bound_at_every_ring(measured, na
 
 
 def test_two_encryptions_of_the_same_inputs_decrypt_to_the_same_rounded_logits(measured):
-    """The grid is at least twice the stated bound, which is 40-3,000 times the measured error,
+    """The grid is at least twice the stated bound, which is 30-3,000 times the measured error,
     so a rounded logit moves only when the exact one lies within the noise of a grid boundary.
     Measured on 2026-12-03: 100% of the repeated inputs identical (see the printed figures);
     required: ``IDENTICAL`` (97%) over all repeated inputs, one model per architecture and

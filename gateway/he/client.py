@@ -36,7 +36,7 @@ def logit_grid(*, bound: float) -> float:
     that interval holds at most one of them: the rounded logit is one of at most two adjacent grid
     points. Which one depends on the secret key's noise only when the value lies within that
     noise of a boundary: the rest of the error (the rounding of the server's encoded weights) is
-    the same for every encryption of an input and involves no key. The measured error is 40 to
+    the same for every encryption of an input and involves no key. The measured error is 30 to
     3,000 times smaller than the bound, so that is rare: two encryptions of the same input
     decrypted to identical rounded logits for all 320 repeated inputs of
     ``tests/test_he_engine.py`` (2026-12-03; it requires 97%). A power of two makes every rounded
