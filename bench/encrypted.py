@@ -209,9 +209,10 @@ def accuracy(s: Setup) -> dict:
     lanes = s.model.spec.packing.lanes
     reference = onnx_runtime.predict_logits(onnx_runtime.create_session(s.onnx_path), s.x)
     exact = lower(s.onnx_path).evaluate(s.x)
+    decrypt = s.client.decrypt_unrounded_unsafe  # the engine's error against its bound: never shown
     encrypted = np.concatenate(
         [
-            s.client.decrypt(s.model.evaluate(s.client.encrypt(s.x[i : i + lanes]), s.keys), len(s.x[i : i + lanes]))
+            decrypt(s.model.evaluate(s.client.encrypt(s.x[i : i + lanes]), s.keys), len(s.x[i : i + lanes]))
             for i in range(0, len(s.x), lanes)
         ]
     )

@@ -165,8 +165,8 @@ def _accuracy(
     lanes = session.lanes
     batches = [chosen[i : i + lanes] for i in range(0, len(chosen), lanes)]
     with ThreadPoolExecutor(2) as pool:  # two calls in flight keep both of the gateway's workers busy
-        logits = np.concatenate(list(pool.map(lambda b: session.predict(x[b]).logits, batches)))
-    correct = int(np.sum(logits.argmax(1) == y[chosen]))
+        classes = np.concatenate(list(pool.map(lambda b: session.predict(x[b]).classes, batches)))
+    correct = int(np.sum(classes == y[chosen]))  # taken before rounding: a tie of rounded logits is no tie
     low, high = wilson_interval(correct, len(chosen))
     return correct / len(chosen), low, high, len(chosen)
 

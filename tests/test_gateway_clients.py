@@ -4,6 +4,7 @@ reflection, and the command line (``hegate models --target``, ``hegate infer``).
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import time
 from importlib import resources
@@ -50,8 +51,34 @@ def test_async_client_answers_like_the_blocking_one(gateway):
     assert names == sorted(names) and MODEL in names
     np.testing.assert_array_equal(logits, plain)
     assert result.logits.shape == (100, 2) and session.lanes == 64 and chunks[-1] == session.key_bytes
-    np.testing.assert_allclose(result.logits, plain, atol=session.spec.logit_error_bound)
+    np.testing.assert_allclose(result.logits, plain, atol=session.spec.logit_error_bound + session.keys.logit_grid / 2)
     assert result.predicted == [result.labels[i] for i in plain.argmax(1)]
+
+
+def test_every_path_clips_inputs_to_the_manifests_raw_range(gateway, caplog):
+    """The gateway cannot check a ciphertext's range, so the SDK clips first, on every path: an
+    input with one feature below ``raw_range`` gets the answers of its clipped copy, and one warning."""
+    with HegateClient(gateway.target) as client:
+        spec = client.model(MODEL).manifest.input
+        raw = np.zeros((2, 30))
+        raw[:, 13] = [-300.0, 0.0]  # the same input, out of range and clipped
+        x = spec.normalization.apply(raw)
+        with caplog.at_level(logging.WARNING, logger="gateway.client.inputs"):
+            plain = client.predict(MODEL, x)
+            with client.encrypted_session(MODEL) as session:
+                encrypted = session.predict(x)
+
+            async def run():
+                async with AsyncHegateClient(gateway.target) as aio, await aio.encrypted_session(MODEL) as other:
+                    return await aio.predict(MODEL, x), await other.predict(x)
+
+            aio_plain, aio_encrypted = asyncio.run(run())
+    np.testing.assert_array_equal(plain[0], plain[1])
+    np.testing.assert_array_equal(aio_plain, plain)
+    for prediction in (encrypted, aio_encrypted):  # unclipped, the logits would differ by about 3
+        np.testing.assert_allclose(prediction.logits[0], prediction.logits[1], atol=session.keys.logit_grid)
+    warnings = [r.getMessage() for r in caplog.records if "raw range" in r.getMessage()]
+    assert len(warnings) == 2 and all("1 of 60 input values" in w for w in warnings)  # once per client and model
 
 
 def test_reflection_lists_every_service(gateway):

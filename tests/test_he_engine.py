@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import multiprocessing
 import struct
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import onnx
@@ -11,9 +14,9 @@ import tenseal
 import tenseal.sealapi as seal
 
 from gateway.cli import BUNDLED_REPOSITORY
-from gateway.he.client import ClientKeys
+from gateway.he.client import ClientKeys, logit_grid
 from gateway.he.graph import UnsupportedOperatorError, lower
-from gateway.he.plan import EncryptedModel
+from gateway.he.plan import EncryptedModel, compile_plan
 from gateway.he.wire import dump, load_ciphertext
 from models import onnx_runtime
 from models.data import load_dataset
@@ -21,65 +24,174 @@ from models.errors import InvalidArgumentError
 from models.repository import ModelRepository
 
 REPOSITORY = ModelRepository(BUNDLED_REPOSITORY)
-SAMPLE = 1000  # the fixed sample: the first 1,000 test images (the benchmark runs all 10,000)
-CHECKED = 8  # images encrypted for the error-bound check, besides every close call
+AT_LEAST = 200  # inputs encrypted per model and ring, in whole ciphertexts
+CLOSEST = 64  # among them: the test images with the smallest exact top-two margins of the whole test set
+REPEATED = 32  # inputs encrypted a second time, for the rounding's determinism (random part of the sample)
+IDENTICAL = 0.97  # least fraction of inputs whose two encryptions decrypt to identical rounded logits
+SAMPLE_SEED = 13
 
 
-def _encrypted_logits(model: EncryptedModel, client: ClientKeys, keys, x: np.ndarray) -> np.ndarray:
-    lanes = model.spec.packing.lanes
-    batches = [x[i : i + lanes] for i in range(0, len(x), lanes)]
-    return np.concatenate([client.decrypt(model.evaluate(client.encrypt(b), keys), len(b)) for b in batches])
+def _architectures() -> list[str]:
+    """One bundled model per dataset and architecture: the models measured at the high profile too.
+    Models of one architecture share depth and widths, so each profile gives them one ring."""
+    first: dict[tuple[str, str], str] = {}
+    for name in sorted(REPOSITORY.names()):
+        manifest = REPOSITORY.get(name).manifest
+        first.setdefault((manifest.dataset, manifest.training.architecture), name)
+    return sorted(first.values())
 
 
-@pytest.mark.parametrize("name", sorted(REPOSITORY.names()))
-def test_encrypted_logits_are_within_the_stated_bound_and_agree_with_onnxruntime(name):
-    """Encrypted logits stay within ``logit_error_bound`` of the exact network (the int8 model
-    without onnxruntime's intermediate rounding). Where the exact network's top-two margin
-    exceeds twice the bound, the encrypted class is therefore the exact class; every image of
-    the sample with a smaller margin is encrypted and checked too. Together: the encrypted
-    class on the whole fixed sample.
+REPRESENTATIVES = _architectures()
+CASES = [(name, "standard") for name in sorted(REPOSITORY.names())] + [(name, "high") for name in REPRESENTATIVES]
 
-    Against onnxruntime: at least 99.9% agreement (the MLPs reach it through their 16-bit hidden
-    activations; with uint8 ones, onnxruntime's own rounding changed up to 0.7% of classes).
+
+@functools.cache
+def _raw_inputs(dataset: str) -> tuple[int, np.ndarray]:
+    """The test split's size and the raw inputs to sample from: the test split first, then (when
+    it is smaller than ``AT_LEAST``) the other splits. Loaded once per worker."""
+    data = load_dataset(dataset)
+    if len(data.test) >= AT_LEAST:
+        return len(data.test), data.test.x
+    return len(data.test), np.concatenate([data.test.x, data.public.x, data.private.x])
+
+
+def _measure(name: str, precisions: list[str]) -> dict[str, dict]:
+    """Encrypt one model's sample at each profile, in a worker process; everything the checks need.
+
+    The sample: the ``CLOSEST`` test images whose exact top-two margins are the smallest of the
+    whole test set, and seeded random inputs up to ``AT_LEAST`` (the test split; every split
+    where the test split is smaller than that, as for breast cancer's 114 rows).
     """
     artifact = REPOSITORY.get(name)
-    model = EncryptedModel(artifact.onnx_path)
-    client = ClientKeys(model.spec)
-    keys = model.load_keys(*client.evaluation_keys())
-    data = load_dataset(artifact.manifest.dataset)
-    x = artifact.manifest.input.normalization.apply(data.test.x[:SAMPLE])
-    exact = lower(artifact.onnx_path).evaluate(x)
-    reference = onnx_runtime.predict_logits(onnx_runtime.create_session(artifact.onnx_path), x).argmax(1)
-    bound = model.spec.logit_error_bound
+    tests, pool = _raw_inputs(artifact.manifest.dataset)
+    x = artifact.manifest.input.normalization.apply(pool)
+    lowered = lower(artifact.onnx_path)
+    exact_test = lowered.evaluate(x[:tests])
+    top2 = np.sort(exact_test, axis=1)[:, -2:]
+    closest = np.argsort(top2[:, 1] - top2[:, 0], kind="stable")[:CLOSEST]
+    reference = onnx_runtime.predict_logits(onnx_runtime.create_session(artifact.onnx_path), x[:tests])
+    measured = {}
+    for precision in precisions:
+        model = EncryptedModel(artifact.onnx_path, precision=precision)
+        client = ClientKeys(model.spec)
+        keys = model.load_keys(*client.evaluation_keys())
+        lanes = model.spec.packing.lanes
+        repeats = -(-REPEATED // lanes) * lanes
+        size = -(-max(AT_LEAST, CLOSEST + repeats) // lanes) * lanes
+        rest = np.setdiff1d(np.arange(len(x)), closest)
+        others = np.random.default_rng(SAMPLE_SEED).choice(rest, size - CLOSEST, replace=False)
+        chosen = np.concatenate([closest, others])
 
+        unrounded, rounded, classes = [], [], []
+        for i in range(0, len(chosen), lanes):
+            result = model.evaluate(client.encrypt(x[chosen[i : i + lanes]]), keys)
+            decrypted = client.decrypt_classified(result, lanes)
+            unrounded.append(client.decrypt_unrounded_unsafe(result, lanes))
+            rounded.append(decrypted.logits)
+            classes.append(decrypted.classes)
+        repeated = None
+        if name in REPRESENTATIVES:
+            again = x[chosen[CLOSEST : CLOSEST + repeats]]
+            groups = np.split(again, repeats // lanes)
+            repeated = np.concatenate([client.decrypt(model.evaluate(client.encrypt(b), keys), lanes) for b in groups])
+        measured[precision] = {
+            "ring": model.spec.parameters.poly_modulus_degree,
+            "lanes": lanes,
+            "bound": model.spec.logit_error_bound,
+            "grid": client.logit_grid,
+            "exact": lowered.evaluate(x[chosen]),
+            "unrounded": np.concatenate(unrounded),
+            "rounded": np.concatenate(rounded),
+            "classes": np.concatenate(classes),
+            "repeated": repeated,
+            "exact_onnxruntime_agreement": float(np.mean(exact_test.argmax(1) == reference.argmax(1))),
+        }
+    return measured
+
+
+@pytest.fixture(scope="module")
+def measured() -> dict[tuple[str, str], dict]:
+    """Every case, measured in two spawn workers (TenSEAL holds the GIL; the machine has 2 cores)."""
+    jobs: dict[str, list[str]] = {}
+    for name, precision in CASES:
+        jobs.setdefault(name, []).append(precision)
+    order = sorted(jobs, key=lambda name: -len(jobs[name]))  # the models measured at both profiles first
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {name: pool.submit(_measure, name, jobs[name]) for name in order}
+        return {(name, p): m for name, future in futures.items() for p, m in future.result().items()}
+
+
+@pytest.mark.parametrize(("name", "precision"), CASES)
+def test_encrypted_logits_are_within_the_stated_bound_at_every_ring(measured, name, precision):
+    """Measured, not inferred: at least 200 encrypted inputs per model and ring, the 64 closest
+    calls of the whole test set among them, every bundled model at the standard profile and one
+    model per architecture at the high one (rings 4096, 8192 and 16384 on 2026-12-03; the test
+    models of ``conftest.py`` use 8192 and 16384 too).
+
+    - every unrounded logit within ``logit_error_bound`` of the exact network (the int8 model
+      without onnxruntime's rounding of intermediate activations);
+    - the SDK's rounded logits on the grid, within half a grid of the unrounded ones, and in the
+      exact network's order wherever its top-two margin is at least ``grid + 2 * bound``;
+    - the SDK's classes (taken before rounding) the exact network's wherever that margin
+      exceeds twice the bound: every class, whatever the grid;
+    - the exact network's classes those of onnxruntime on at least 99.8% of the whole test set
+      (99.88-100% on 2026-12-03; the MLPs reach it through their 16-bit hidden activations: with
+      uint8 ones, onnxruntime's own rounding changed up to 0.7% of classes).
+    """
+    m = measured[(name, precision)]
+    bound, grid, exact = m["bound"], m["grid"], m["exact"]
+    error = float(np.abs(m["unrounded"] - exact).max())
+    where = f"{name} ({precision}, ring {m['ring']}, {len(exact)} inputs, {m['lanes']} per ciphertext)"
+    assert error <= bound, f"{where}: max error {error:.3g} exceeds the stated bound {bound:.3g}"
+    agreement = m["exact_onnxruntime_agreement"]
+    print(f"{where}: max error {error:.3g}, bound {bound:.3g}, ratio {error / bound:.4f}, grid {grid:g}; ", end="")
+    print(f"exact = onnxruntime on {agreement:.2%} of the test set")
+
+    rounded = m["rounded"]
+    assert np.array_equal(rounded / grid, np.round(rounded / grid)), f"{where}: a logit is off the grid {grid:g}"
+    assert np.abs(rounded - m["unrounded"]).max() <= grid / 2
     top2 = np.sort(exact, axis=1)[:, -2:]
-    close = np.flatnonzero(top2[:, 1] - top2[:, 0] <= 2 * bound)
-    checked = np.union1d(np.arange(CHECKED), close)
-    encrypted = _encrypted_logits(model, client, keys, x[checked])
-    assert np.abs(encrypted - exact[checked]).max() <= bound
+    margin = top2[:, 1] - top2[:, 0]
+    clear = margin > 2 * bound
+    assert np.array_equal(m["classes"][clear], exact.argmax(1)[clear]), f"{where}: a class differs from the exact one"
+    wide = margin >= grid + 2 * bound
+    assert np.array_equal(rounded.argmax(1)[wide], exact.argmax(1)[wide]), f"{where}: rounding changed an order"
+    assert agreement >= 0.998, f"{name}: the exact network agrees with onnxruntime on {agreement:.2%} of the test set"
 
-    predicted = exact.argmax(1)
-    predicted[checked] = encrypted.argmax(1)
-    assert np.mean(predicted == exact.argmax(1)) >= 0.999
-    agreement = float(np.mean(predicted == reference))
-    assert agreement >= 0.999, f"{name}: {agreement:.2%} agree with onnxruntime"
+
+def test_two_encryptions_of_the_same_inputs_decrypt_to_the_same_rounded_logits(measured):
+    """The grid is at least twice the stated bound, which is 30-3,000 times the measured error,
+    so a rounded logit moves only when the exact one lies within the noise of a grid boundary.
+    Measured on 2026-12-03: 100% of the repeated inputs identical (see the printed figures);
+    required: ``IDENTICAL`` (97%) over all repeated inputs, one model per architecture and
+    profile, ``REPEATED`` (32) inputs each or one ciphertext's lanes."""
+    same, total = 0, 0
+    for (name, precision), m in sorted(measured.items()):
+        if m["repeated"] is None:
+            continue
+        first = m["rounded"][CLOSEST : CLOSEST + len(m["repeated"])]
+        identical = np.all(first == m["repeated"], axis=1)
+        print(f"{name} ({precision}, ring {m['ring']}): {identical.mean():.2%} of {len(identical)} identical")
+        same, total = same + int(identical.sum()), total + len(identical)
+    assert total >= 2 * len(REPRESENTATIVES) * REPEATED and same / total >= IDENTICAL, f"{same} of {total} identical"
+
+
+def test_the_grid_is_the_smallest_power_of_two_at_least_twice_the_bound():
+    assert logit_grid(bound=0.0959) == 0.25 and logit_grid(bound=0.125) == 0.25 and logit_grid(bound=0.126) == 0.5
+    assert logit_grid(bound=2.2e-6) == 2.0**-17
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(InvalidArgumentError, match="positive and finite"):
+            logit_grid(bound=bad)
 
 
 @pytest.mark.parametrize("name", ["breast-cancer-linear-eps3", "mnist-cnn-eps3"])
 def test_the_high_precision_profile_buys_a_far_smaller_error_with_a_larger_ring(name):
-    artifact = REPOSITORY.get(name)
-    standard = EncryptedModel(artifact.onnx_path).spec
-    model = EncryptedModel(artifact.onnx_path, precision="high")
-    spec = model.spec
+    """The stated bounds; the measured errors at each ring are the first test's."""
+    path = REPOSITORY.get(name).onnx_path
+    standard, spec = compile_plan(path)[0], compile_plan(path, precision="high")[0]
     assert spec.precision == "high" and spec.parameters.scale_bits >= 50
     assert spec.parameters.poly_modulus_degree > standard.parameters.poly_modulus_degree
     assert spec.logit_error_bound < standard.logit_error_bound / 1000
-    client = ClientKeys(spec)
-    keys = model.load_keys(*client.evaluation_keys())
-    data = load_dataset(artifact.manifest.dataset)
-    x = artifact.manifest.input.normalization.apply(data.test.x[: spec.packing.lanes])
-    encrypted = client.decrypt(model.evaluate(client.encrypt(x), keys), len(x))
-    assert np.abs(encrypted - lower(artifact.onnx_path).evaluate(x)).max() <= spec.logit_error_bound
 
 
 def test_the_default_model_packs_one_input_and_the_mlp_four():
@@ -104,7 +216,7 @@ def test_a_packed_batch_gives_each_input_its_own_logits(breast_cancer):
     exact = lower(model.path).evaluate(x)
     batch = client.decrypt(model.evaluate(client.encrypt(x), keys), lanes)
     assert batch.shape == (lanes, 2)
-    np.testing.assert_allclose(batch, exact, atol=model.spec.logit_error_bound)
+    np.testing.assert_allclose(batch, exact, atol=model.spec.logit_error_bound + client.logit_grid / 2)
 
 
 def _plain_seal_bytes(data: bytes) -> bytearray:

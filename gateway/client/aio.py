@@ -29,10 +29,11 @@ from gateway.client.protocol import (
     key_chunks,
     logits_of,
     model_infos,
+    model_inputs,
     spec_of,
     translated_errors,
 )
-from gateway.he.client import ClientKeys
+from gateway.he.client import ClientKeys, DecryptedLogits
 from gateway.he.plan import EncryptionSpec
 
 
@@ -120,26 +121,28 @@ class AsyncEncryptedSession:
     def lanes(self) -> int:
         return self.spec.packing.lanes
 
-    async def _one(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    async def _one(self, batch: np.ndarray) -> tuple[DecryptedLogits, np.ndarray]:
         started = time.perf_counter()
         ciphertext = await asyncio.to_thread(self.keys.encrypt, batch)
         encrypted = time.perf_counter()
         request = encrypted_request(self.model, self.key_id, ciphertext, len(batch))
         response = await self.client._call(self.client._hegate.Infer, request)
         called = time.perf_counter()
-        logits = await asyncio.to_thread(self.keys.decrypt, response.ciphertext, len(batch))
+        decrypted = await asyncio.to_thread(self.keys.decrypt_classified, response.ciphertext, len(batch))
         server = response.timings
         steps = [encrypted - started, called - encrypted, time.perf_counter() - called]
-        return logits, np.array([*steps, server.queue_ms / 1e3, server.compute_ms / 1e3])
+        return decrypted, np.array([*steps, server.queue_ms / 1e3, server.compute_ms / 1e3])
 
     async def predict(self, x: np.ndarray) -> Prediction:
         """Like :meth:`EncryptedSession.predict`; the ciphertexts of a large batch travel concurrently."""
-        results = await asyncio.gather(*(self._one(b) for b in batches(x, self.spec.input_shape, self.lanes)))
+        groups = batches(model_inputs(self.model, x), self.spec.input_shape, self.lanes)
+        results = await asyncio.gather(*(self._one(b) for b in groups))
         totals = sum(t for _, t in results)
         return Prediction(
-            logits=np.concatenate([logits for logits, _ in results]),
+            logits=np.concatenate([decrypted.logits for decrypted, _ in results]),
             labels=self.model.manifest.output.labels,
             timings=Timings(*(float(v) for v in 1e3 * totals)),
+            classes=np.concatenate([decrypted.classes for decrypted, _ in results]),
         )
 
     async def close(self) -> None:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.api import grpc_predict_v2_pb2 as oip
 from gateway.api import hegate_v1_pb2 as hv1
+from gateway.client.inputs import InputRange
 from gateway.he.plan import EncryptionSpec
 from gateway.server.auth import API_KEY_HEADER
 from gateway.status import error_for
@@ -75,6 +76,10 @@ class ModelInfo:
     manifest: Manifest
     encrypted: bool
     lanes: int
+    input_range: InputRange = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_range", InputRange(self.manifest.input, model=self.name))
 
 
 @dataclass(frozen=True)
@@ -90,11 +95,17 @@ class Timings:
 
 @dataclass(frozen=True)
 class Prediction:
-    """Logits ``[n, classes]`` and what they mean."""
+    """Logits ``[n, classes]`` and what they mean.
+
+    On the encrypted path the logits are rounded to the plan's grid (``ClientKeys.logit_grid``)
+    and ``classes`` holds each input's class taken before rounding, so that rounding changes no
+    decision (a tie of rounded logits is not a tie of classes); without it, the logits' argmax.
+    """
 
     logits: np.ndarray
     labels: list[str]
     timings: Timings = field(default_factory=Timings)
+    classes: np.ndarray | None = None
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -103,7 +114,8 @@ class Prediction:
 
     @property
     def predicted(self) -> list[str]:
-        return [self.labels[i] for i in self.logits.argmax(axis=1)]
+        classes = self.logits.argmax(axis=1) if self.classes is None else self.classes
+        return [self.labels[i] for i in classes]
 
 
 @contextlib.contextmanager
@@ -141,14 +153,27 @@ class ModelIndex:
         return info
 
 
-def infer_request(model: ModelInfo, x: np.ndarray) -> oip.ModelInferRequest:
-    """One plaintext request for a batch ``[n, *input_shape]`` (or one input) of normalized inputs."""
+def model_inputs(model: ModelInfo, x: np.ndarray) -> np.ndarray:
+    """Normalized float32 inputs (one, or a batch ``[n, *input_shape]``) as a batch, clipped to
+    the model's valid range: every SDK call, plaintext or encrypted, sends its inputs through here.
+
+    Raises:
+        InvalidArgumentError: not float32, a shape that is not the model's, NaN or infinite values.
+    """
     x = np.asarray(x)
     if x.dtype != np.float32:
         raise InvalidArgumentError(f"inputs must be float32 (normalized, as the manifest says), got {x.dtype}")
-    x = np.ascontiguousarray(x, dtype="<f4")
-    if list(x.shape) == model.manifest.input.shape:
+    shape = model.manifest.input.shape
+    if list(x.shape) == shape:
         x = x[None]
+    if list(x.shape[1:]) != shape:
+        raise InvalidArgumentError(f"inputs of shape {list(x.shape)} are neither {shape} nor [n, *{shape}]")
+    return model.input_range.clip(x)
+
+
+def infer_request(model: ModelInfo, x: np.ndarray) -> oip.ModelInferRequest:
+    """One plaintext request for a batch ``[n, *input_shape]`` (or one input) of normalized inputs."""
+    x = np.ascontiguousarray(model_inputs(model, x), dtype="<f4")
     tensor = oip.ModelInferRequest.InferInputTensor(name=model.manifest.input.name, datatype="FP32", shape=x.shape)
     return oip.ModelInferRequest(
         model_name=model.name, model_version=model.version, inputs=[tensor], raw_input_contents=[x.tobytes()]

@@ -24,6 +24,7 @@ from gateway.client.protocol import (
     key_chunks,
     logits_of,
     model_infos,
+    model_inputs,
     spec_of,
     translated_errors,
 )
@@ -116,9 +117,10 @@ class EncryptedSession:
 
     def predict(self, x: np.ndarray) -> Prediction:
         """Encrypt, evaluate on the gateway, decrypt: one input or a batch of any size (each
-        ciphertext carries up to ``lanes`` inputs)."""
-        logits, totals = [], np.zeros(5)
-        for batch in batches(x, self.spec.input_shape, self.lanes):
+        ciphertext carries up to ``lanes`` inputs). Inputs are clipped to the model's valid range
+        first; the logits come back rounded to the plan's grid (see :class:`Prediction`)."""
+        logits, classes, totals = [], [], np.zeros(5)
+        for batch in batches(model_inputs(self.model, x), self.spec.input_shape, self.lanes):
             started = time.perf_counter()
             ciphertext = self.keys.encrypt(batch)
             encrypted = time.perf_counter()
@@ -126,7 +128,9 @@ class EncryptedSession:
                 self.client._hegate.Infer, encrypted_request(self.model, self.key_id, ciphertext, len(batch))
             )
             called = time.perf_counter()
-            logits.append(self.keys.decrypt(response.ciphertext, len(batch)))
+            decrypted = self.keys.decrypt_classified(response.ciphertext, len(batch))
+            logits.append(decrypted.logits)
+            classes.append(decrypted.classes)
             done = time.perf_counter()
             server = response.timings
             totals += [
@@ -140,6 +144,7 @@ class EncryptedSession:
             logits=np.concatenate(logits),
             labels=self.model.manifest.output.labels,
             timings=Timings(*(float(v) for v in 1e3 * totals)),
+            classes=np.concatenate(classes),
         )
 
     def close(self) -> None:
