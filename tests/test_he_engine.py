@@ -69,7 +69,7 @@ def test_encrypted_logits_are_within_the_stated_bound_and_agree_with_onnxruntime
 def test_the_high_precision_profile_buys_a_far_smaller_error_with_a_larger_ring(name):
     artifact = REPOSITORY.get(name)
     standard = EncryptedModel(artifact.onnx_path).spec
-    model = EncryptedModel(artifact.onnx_path, precision="high")
+    model = EncryptedModel(artifact.onnx_path, profile="high")
     spec = model.spec
     assert spec.precision == "high" and spec.parameters.scale_bits >= 50
     assert spec.parameters.poly_modulus_degree > standard.parameters.poly_modulus_degree

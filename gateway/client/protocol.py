@@ -14,8 +14,10 @@ import grpc
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.api import BACKEND_PARAMETER
 from gateway.api import grpc_predict_v2_pb2 as oip
 from gateway.api import hegate_v1_pb2 as hv1
+from gateway.he.client import ClientKeys
 from gateway.he.plan import EncryptionSpec
 from gateway.server.auth import API_KEY_HEADER
 from gateway.status import error_for
@@ -74,7 +76,8 @@ class ModelInfo:
     version: str
     manifest: Manifest
     encrypted: bool
-    lanes: int
+    lanes: int  # under the default profile
+    profiles: tuple[str, ...] = ()  # the CKKS profiles the gateway offers for it, default first
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,7 @@ def model_infos(response: hv1.ListModelsResponse) -> list[ModelInfo]:
             manifest=Manifest.model_validate_json(m.manifest_json),
             encrypted=m.encrypted,
             lanes=m.lanes,
+            profiles=tuple(m.profiles),
         )
         for m in response.models
     ]
@@ -141,8 +145,9 @@ class ModelIndex:
         return info
 
 
-def infer_request(model: ModelInfo, x: np.ndarray) -> oip.ModelInferRequest:
-    """One plaintext request for a batch ``[n, *input_shape]`` (or one input) of normalized inputs."""
+def infer_request(model: ModelInfo, x: np.ndarray, backend: str | None = None) -> oip.ModelInferRequest:
+    """One plaintext request for a batch ``[n, *input_shape]`` (or one input) of normalized inputs;
+    ``backend`` ("numba" or "onnxruntime") names the gateway's plaintext backend, None its default."""
     x = np.asarray(x)
     if x.dtype != np.float32:
         raise InvalidArgumentError(f"inputs must be float32 (normalized, as the manifest says), got {x.dtype}")
@@ -150,9 +155,12 @@ def infer_request(model: ModelInfo, x: np.ndarray) -> oip.ModelInferRequest:
     if list(x.shape) == model.manifest.input.shape:
         x = x[None]
     tensor = oip.ModelInferRequest.InferInputTensor(name=model.manifest.input.name, datatype="FP32", shape=x.shape)
-    return oip.ModelInferRequest(
+    request = oip.ModelInferRequest(
         model_name=model.name, model_version=model.version, inputs=[tensor], raw_input_contents=[x.tobytes()]
     )
+    if backend:
+        request.parameters[BACKEND_PARAMETER].string_param = backend
+    return request
 
 
 def logits_of(response: oip.ModelInferResponse) -> np.ndarray:
@@ -164,11 +172,20 @@ def spec_of(response: hv1.GetEncryptionSpecResponse) -> EncryptionSpec:
     return EncryptionSpec.model_validate_json(response.spec_json)
 
 
+def spec_request(model: str, version: str, profile: str | None) -> hv1.GetEncryptionSpecRequest:
+    return hv1.GetEncryptionSpecRequest(model_name=model, model_version=version, profile=profile or "")
+
+
 def key_chunks(
-    model: ModelInfo, relin: bytes, galois: bytes, progress: Progress | None = None
+    model: ModelInfo,
+    spec: EncryptionSpec,
+    keys: tuple[bytes, bytes, bytes],
+    progress: Progress | None = None,
 ) -> Iterator[hv1.RegisterKeysChunk]:
-    """The upload: a header, then the relinearization and Galois key bytes in 1 MiB chunks."""
-    total = len(relin) + len(galois)
+    """The upload: a header naming ``spec``'s profile, then the relinearization, Galois and (for
+    circuit_private) public key bytes in 1 MiB chunks."""
+    relin, galois, public = keys
+    total = len(relin) + len(galois) + len(public)
     header = hv1.KeysHeader(
         model_name=model.name,
         model_version=model.version,
@@ -176,13 +193,22 @@ def key_chunks(
         relin_keys_bytes=len(relin),
         galois_keys_bytes=len(galois),
         total_bytes=total,
+        profile=spec.precision,
+        public_key_bytes=len(public),
     )
     yield hv1.RegisterKeysChunk(header=header)
-    data = memoryview(relin + galois)
+    data = memoryview(relin + galois + public)
     for start in range(0, total, CHUNK_BYTES):
         yield hv1.RegisterKeysChunk(data=bytes(data[start : start + CHUNK_BYTES]))
         if progress is not None:
             progress(min(start + CHUNK_BYTES, total), total)
+
+
+def session_keys(keys: ClientKeys) -> tuple[bytes, bytes, bytes]:
+    """What an encrypted session registers: the evaluation keys, and a public key when the spec's
+    profile is circuit_private (the other profiles refuse one)."""
+    relin, galois = keys.evaluation_keys()
+    return relin, galois, keys.public_key() if keys.spec.circuit_privacy is not None else b""
 
 
 def encrypted_request(model: ModelInfo, key_id: str, ciphertext: bytes, count: int) -> hv1.InferRequest:
