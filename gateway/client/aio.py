@@ -69,7 +69,7 @@ class AsyncHegateClient:
 
     async def predict(self, model: str, x: np.ndarray, *, version: str = "", backend: str | None = None) -> np.ndarray:
         request = infer_request(await self.model(model, version), x, backend)
-        return logits_of(await self._call(self._oip.ModelInfer, request))
+        return logits_of(await self._call(self._oip.ModelInfer, request), backend)
 
     async def platform(self, model: str, version: str = "") -> str:
         request = oip.ModelMetadataRequest(name=model, version=version)

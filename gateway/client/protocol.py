@@ -163,7 +163,16 @@ def infer_request(model: ModelInfo, x: np.ndarray, backend: str | None = None) -
     return request
 
 
-def logits_of(response: oip.ModelInferResponse) -> np.ndarray:
+def logits_of(response: oip.ModelInferResponse, backend: str | None = None) -> np.ndarray:
+    """The logits of a response; ``backend``: the one the request named, which the gateway must echo.
+
+    Raises:
+        InvalidArgumentError: a backend was named and the gateway ignored it (it predates the parameter).
+    """
+    if backend and BACKEND_PARAMETER not in response.parameters:
+        raise InvalidArgumentError(
+            f"the gateway ignored the request parameter {BACKEND_PARAMETER!r}: it serves its default backend only"
+        )
     output = response.outputs[0]
     return np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(tuple(output.shape)).copy()
 

@@ -67,7 +67,7 @@ class HegateClient:
         """Plaintext logits ``[n, classes]`` for normalized float32 inputs (one, or a batch);
         ``backend`` ("numba" or "onnxruntime") picks the gateway's plaintext backend, None its default."""
         request = infer_request(self.model(model, version), x, backend)
-        return logits_of(self._call(self._oip.ModelInfer, request))
+        return logits_of(self._call(self._oip.ModelInfer, request), backend)
 
     def platform(self, model: str, version: str = "") -> str:
         """The model's Open Inference Protocol platform: ``hegate_int8_<plaintext backend>`` here."""
