@@ -47,7 +47,7 @@ class Workload:
 
     method: str
     requests: list[bytes]
-    path: str  # "plaintext", or "encrypted, keys <id>"
+    path: str  # "plaintext", "plaintext (<backend>)", or "encrypted (<profile>), keys <id>"
     key_bytes: int = 0  # evaluation keys registered for the encrypted path
     session: EncryptedSession | None = None  # close it to delete the keys from the gateway
 
@@ -75,7 +75,7 @@ def workload(
     groups = [x[i : i + batch] for i in range(0, len(x), batch)]
     if plaintext:
         requests = [infer_request(info, g, backend).SerializeToString() for g in groups]
-        return Workload(PLAINTEXT_METHOD, requests, f"plaintext ({backend or 'default backend'})")
+        return Workload(PLAINTEXT_METHOD, requests, f"plaintext ({backend})" if backend else "plaintext")
     session = client.encrypted_session(model, profile=profile)
     if batch > session.lanes:
         session.close()

@@ -385,7 +385,10 @@ def measure_encrypted(
     security = f"128-bit CKKS, N={parameters.poly_modulus_degree}, {sum(parameters.coeff_modulus_bits)}-bit Q"
     privacy = session.spec.circuit_privacy
     if privacy is not None:
-        security += f"; circuit-private (statistical distance {privacy.statistical_distance:.1e} + RLWE)"
+        security += (
+            f"; circuit-private: flood 2^{privacy.flooding_bits}, std {privacy.flooding_logit_std:.1e} of a logit, "
+            f"statistical distance {privacy.statistical_distance:.1e} + RLWE"
+        )
     return Cell(
         model=model,
         dataset=manifest.dataset,

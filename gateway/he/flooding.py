@@ -66,10 +66,11 @@ key from the server (that is the SDK's rounding of decrypted logits).
 **What it costs** (the parameters :func:`choose_private_parameters` picks). The flood lands in
 the decrypted logits: ``2**s`` times the evaluation error. So every level drops two primes instead
 of one (a scale near ``2**90``, so the evaluation error sits about ``2**60`` below the values) and
-a second prime ``q1`` at the end leaves room for a flood near ``2**62`` above a result scale near
-``2**82``: about ``1e-3`` of a logit for the MNIST CNN at ``N = 16384``. Twice the primes of the
-``high`` profile means about four times its Galois-key bytes and two to three times its time
-(measured figures: ``bench/results/privacy.md``).
+a second prime ``q1`` at the end leaves room for the flood above the result: for the MNIST CNN at
+``N = 16384``, a flood of ``2**61`` over a result scale of ``2**79``, a standard deviation of
+``2e-4`` of a logit and a stated bound of ``4.2e-3`` (the standard profile states ``9.6e-2``).
+Twice the primes of the ``high`` profile cost about three times its Galois-key bytes and its
+time (``bench/results/quick/privacy.md``).
 """
 
 from __future__ import annotations
