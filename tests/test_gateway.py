@@ -297,6 +297,8 @@ tensor = triton.InferInput("input", list(x.shape), "FP32")
 tensor.set_data_from_numpy(x)
 result = client.infer(model, [tensor], outputs=[triton.InferRequestedOutput("logits")])
 np.save(outputs, result.as_numpy("logits"))
+reference = client.infer(model, [tensor], parameters={"backend": "onnxruntime"}).as_numpy("logits")
+assert np.array_equal(reference, result.as_numpy("logits"))  # the CNN: bit-identical backends
 print(json.dumps({
     "live": client.is_server_live(),
     "ready": client.is_model_ready(model),
@@ -332,7 +334,7 @@ def test_a_request_names_its_plaintext_backend(gateway, front):
 @pytest.mark.parametrize("front", FRONTS)
 def test_tritonclient_gets_the_same_logits(gateway, client, tmp_path, front):
     """A stock Open Inference Protocol client (in its own process: it registers protobuf package
-    ``inference`` too) reads the same logits as the SDK, from either front."""
+    ``inference`` too) reads the same logits as the SDK, from either front, and picks a backend."""
     x = mnist(5)
     np.save(tmp_path / "x.npy", x)
     (tmp_path / "triton.py").write_text(TRITON_SCRIPT)
