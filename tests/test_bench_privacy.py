@@ -97,7 +97,7 @@ def test_plaintext_paths_reproduce_the_manifest_accuracy_and_record_the_dp_budge
             assert cell["accuracy"] == pytest.approx(manifest.metrics.int8_accuracy, abs=1e-12)
             assert cell["accuracy_n"] == manifest.metrics.test_size
             assert cell["key_bytes"] == 0 and cell["security"].startswith("none")
-            assert cell["in_process_p50_us"] > 0 and cell["in_process_served_p50_us"] > 0
+            assert 0 < cell["in_process_p50_us"] < cell["in_process_served_p50_us"]  # the call < decode, call, encode
             # the gateway does more than its servicer, which does more than the backend
             assert cell["gateway_cpu_us"] > cell["gateway_servicer_us"] > cell["in_process_p50_us"]
             assert cell["max_logit_error"] < 1e-2  # numba within its float32 bound of onnxruntime (0 for uint8)
