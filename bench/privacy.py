@@ -520,13 +520,15 @@ def _backends_section(cells: list[Cell]) -> list[str]:
         "## The two plaintext backends, in one gateway",
         "",
         "Both backends serve in the same gateway process (the request parameter `backend`), measured in "
-        "alternating windows. Gateway CPU: its main thread's (event loop, servicer, backend) per request at one "
-        "in flight. In process: CPU of one batch-1 call through the gateway's entry point in this process, in a "
-        "tight loop and with a request's decoding and encoding between calls. numba / onnxruntime, and the "
+        "alternating windows. At one call in flight, per request: the gateway main thread's CPU (event loop, "
+        "HTTP/2, servicer, backend) and the servicer's time (decoding, backend, encoding; its compute histogram, "
+        "wall time). In this process, CPU through the gateway's entry points: the backend's batch-1 call in a "
+        "tight loop, and a request's whole servicer work (decode, call, encode). numba / onnxruntime, and the "
         "difference.",
         "",
-        "| model | gateway p50 | gateway CPU per request | in process, tight | in process, between requests | req/s |",
-        "|---|---|---|---|---|---|",
+        "| model | gateway p50 | gateway CPU | servicer | in process: call | in process: decode, call, encode "
+        "| req/s |",
+        "|---|---|---|---|---|---|---|",
     ]
 
     def pair(a: float, b: float, digits: int = 0) -> str:

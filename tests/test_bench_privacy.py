@@ -75,6 +75,9 @@ def test_every_model_is_measured_on_every_path(sweep):
     assert all(c["errors"] == 0 and c["p50_ms"] > 0 and c["requests_per_second"] > 0 for c in cells)
     assert "| model | epsilon | path |" in stdout
     assert "## The two plaintext backends, in one gateway" in stdout
+    backends = stdout.split("## The two plaintext backends, in one gateway")[1].split("\n## ")[0]
+    table = [line for line in backends.splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in table}) == 1  # the header and the rows have the same columns
     assert "## What circuit privacy costs (against the standard profile)" in stdout
     assert "one started here with its defaults" in json.loads((out / "privacy.json").read_text())["gateway"]
     for png in ("privacy-accuracy.png", "privacy-pareto.png"):

@@ -4,6 +4,7 @@ and public keys required exactly where the profile needs them."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -147,3 +148,23 @@ def test_no_ring_is_chosen_when_the_flood_would_swamp_the_logits():
             evaluation_bound=lambda params: 1e-9,  # an evaluation far noisier than any real one
             noise_per_operation=lambda degree: 32.0 * degree,
         )
+
+
+@pytest.mark.parametrize("bits", [None, 70])  # the spec's (int64 arithmetic) and a wider one (Python integers)
+def test_the_flood_is_uniform_on_its_stated_range(cancer, bits):
+    """Reconstructed from its residues (CRT over the two primes), every coefficient lies in
+    [-2**b, 2**b) and the spread is a uniform's (standard deviation 2**b / sqrt(3))."""
+    model, _, _ = cancer
+    flooder = model._flooder
+    if bits is not None:
+        flooder = copy.copy(flooder)
+        flooder.bits = bits
+    residues = flooder.flood()
+    (p, q), b = flooder.primes, flooder.bits
+    assert p * q > 2 ** (b + 2)
+    values = [(int(r0) * q * pow(q, -1, p) + int(r1) * p * pow(p, -1, q)) % (p * q) for r0, r1 in residues.T]
+    values = np.array([v - p * q if v >= p * q // 2 else v for v in values], dtype=object)
+    assert min(values) >= -(2**b) and max(values) < 2**b
+    spread = float(np.std(np.array(values, dtype=np.float64))) / 2.0**b
+    assert abs(spread - 1 / math.sqrt(3)) < 0.02
+    assert len(set(values)) == len(values)  # fresh bits for every coefficient
