@@ -53,7 +53,7 @@ bench-encrypted: $(DEV_STAMP)
 bench-gateway: $(DEV_STAMP)
 	$(BIN)/python -m bench.gateway
 
-# Every bundled model on every path (plaintext onnxruntime/numba, CKKS standard/high): table, CSV, JSON, plots (~15 min)
+# Every bundled model on every path (plaintext onnxruntime/numba, CKKS standard/high/circuit_private), one gateway: table, CSV, JSON, plots
 bench-privacy: $(DEV_STAMP)
 	$(BIN)/hegate bench privacy
 

@@ -25,6 +25,7 @@ from bench.loadgen import LoadGenerators, LoadSpec
 from gateway.client import HegateClient
 from gateway.client.protocol import encrypted_request, infer_request
 from gateway.client.sync import EncryptedSession
+from gateway.he.params import PROFILES
 from models.errors import InvalidArgumentError
 
 PLAINTEXT_METHOD = "/inference.GRPCInferenceService/ModelInfer"
@@ -46,17 +47,26 @@ class Workload:
 
     method: str
     requests: list[bytes]
-    path: str  # "plaintext", or "encrypted, keys <id>"
+    path: str  # "plaintext", "plaintext (<backend>)", or "encrypted (<profile>), keys <id>"
     key_bytes: int = 0  # evaluation keys registered for the encrypted path
     session: EncryptedSession | None = None  # close it to delete the keys from the gateway
 
 
 def workload(
-    client: HegateClient, model: str, *, plaintext: bool, batch: int, inputs: np.ndarray | None = None
+    client: HegateClient,
+    model: str,
+    *,
+    plaintext: bool,
+    batch: int,
+    inputs: np.ndarray | None = None,
+    backend: str | None = None,
+    profile: str | None = None,
 ) -> Workload:
     """``POOL`` requests of ``batch`` inputs each for ``model``; registers keys on the encrypted path.
 
     ``inputs`` are raw (unnormalized) samples to draw from; by default the bundled MNIST samples.
+    ``backend`` names the plaintext backend (the request parameter), ``profile`` the CKKS profile;
+    None: the gateway's defaults.
     """
     info = client.model(model)
     shape = info.manifest.input.shape
@@ -64,15 +74,17 @@ def workload(
     x = info.manifest.input.normalization.apply(raw)
     groups = [x[i : i + batch] for i in range(0, len(x), batch)]
     if plaintext:
-        return Workload(PLAINTEXT_METHOD, [infer_request(info, g).SerializeToString() for g in groups], "plaintext")
-    session = client.encrypted_session(model)
+        requests = [infer_request(info, g, backend).SerializeToString() for g in groups]
+        return Workload(PLAINTEXT_METHOD, requests, f"plaintext ({backend})" if backend else "plaintext")
+    session = client.encrypted_session(model, profile=profile)
     if batch > session.lanes:
         session.close()
         raise InvalidArgumentError(f"{model} packs at most {session.lanes} inputs per ciphertext: --batch <= that")
     requests = [
         encrypted_request(info, session.key_id, session.keys.encrypt(g), len(g)).SerializeToString() for g in groups
     ]
-    return Workload(ENCRYPTED_METHOD, requests, f"encrypted, keys {session.key_id[:12]}...", session.key_bytes, session)
+    path = f"encrypted ({session.spec.precision}), keys {session.key_id[:12]}..."
+    return Workload(ENCRYPTED_METHOD, requests, path, session.key_bytes, session)
 
 
 def markdown(rows: list[dict], header: str) -> str:
@@ -91,7 +103,9 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("--fast-path serves the plaintext path only: add --plaintext")
     target = args.fast_path or args.target
     with HegateClient(args.target, api_key=args.api_key) as client:
-        work = workload(client, args.model, plaintext=args.plaintext, batch=args.batch)
+        work = workload(
+            client, args.model, plaintext=args.plaintext, batch=args.batch, backend=args.backend, profile=args.profile
+        )
         levels = [("rate", r) for r in args.rate] if args.rate else [("concurrency", c) for c in args.concurrency]
         rows = []
         for kind, value in levels:
@@ -136,6 +150,8 @@ def add_parser(commands) -> None:
     load.add_argument("--fast-path", metavar="HOST:PORT", help="with --plaintext: load the gateway's fast path")
     load.add_argument("--model", default="mnist-cnn-eps3")
     load.add_argument("--plaintext", action="store_true", help="the Open Inference Protocol path (default: encrypted)")
+    load.add_argument("--backend", choices=["numba", "onnxruntime"], help="with --plaintext: the gateway's backend")
+    load.add_argument("--profile", choices=PROFILES, help="the CKKS profile (default: the gateway's)")
     load.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="calls in flight, per level")
     load.add_argument("--rate", type=float, nargs="+", help="target requests/s per level (open loop) instead")
     load.add_argument("--max-in-flight", type=int, default=64, help="with --rate: the most outstanding calls")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -18,12 +19,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def provenance(module: str) -> dict[str, str]:
-    """The exact command (``hegate <args>`` or ``python -m <module> <args>``), the UTC date and the machine."""
+    """The exact command (``hegate <args>`` or ``python -m <module> <args>``), the UTC date, the
+    machine, and how busy it was when the command started (the 1-minute load average: other
+    people's processes share the cores, and every timing depends on them)."""
     program = ["hegate"] if Path(sys.argv[0]).name == "hegate" else ["python", "-m", module]
     return {
         "command": shlex.join([*program, *sys.argv[1:]]),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine_description(),
+        "load_average": f"{os.getloadavg()[0]:.2f}",
     }
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gateway.he.params import PROFILES
 from gateway.settings import BUNDLED_REPOSITORY, GatewaySettings
 from models.errors import HegateError
 from models.manifest import Manifest
@@ -170,10 +171,10 @@ def _infer(args: argparse.Namespace) -> int:
             prediction = Prediction(logits=client.predict(args.model, x), labels=info.manifest.output.labels)
             print(f"{info.name}: plaintext path")
         else:
-            with client.encrypted_session(args.model) as session:
+            with client.encrypted_session(args.model, profile=args.profile) as session:
                 print(
-                    f"{info.name}: encrypted path, keys {session.key_bytes / 2**20:.1f} MiB registered in "
-                    f"{session.registration_seconds:.2f} s"
+                    f"{info.name}: encrypted path ({session.spec.precision} profile), keys "
+                    f"{session.key_bytes / 2**20:.1f} MiB registered in {session.registration_seconds:.2f} s"
                 )
                 prediction = session.predict(x)
     for index, (label, probabilities) in enumerate(zip(prediction.predicted, prediction.probabilities, strict=True)):
@@ -259,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("input", type=Path, help=".npy of raw values (one input or a batch) or an image file")
     infer.add_argument("--model", default=DEFAULT_MODEL)
     infer.add_argument("--plaintext", action="store_true", help="send the input unencrypted (trusted callers)")
+    infer.add_argument(
+        "--profile",
+        choices=PROFILES,
+        help="CKKS profile (default: the gateway's); circuit_private also hides the model in the result",
+    )
     infer.add_argument("--target", help="host:port of the gateway (default 127.0.0.1:8001)")
     infer.add_argument("--fast-path", metavar="HOST:PORT", help="with --plaintext: the gateway's fast path (:8003)")
     _client_flags(infer)

@@ -63,10 +63,13 @@ class GatewaySettings(BaseSettings):
     max_batch: int = Field(default=4096, ge=1, description="largest plaintext batch per request")
     grace_seconds: float = Field(default=10.0, ge=0, description="time in-flight requests get at shutdown")
     plaintext_backend: Literal["numba", "onnxruntime"] = Field(  # kernels.loader.Backend; a test keeps them equal
-        default="numba", description="numba int8 kernels, or onnxruntime (the reference) for every model"
+        default="numba",
+        description="plaintext backend of requests that name none (the request parameter 'backend' picks either)",
     )
     ckks_precision: Precision = Field(
-        default="standard", description="CKKS parameter profile: standard (smallest ring) or high (~2**15 finer)"
+        default="standard",
+        description="CKKS profile of clients that name none: standard (smallest ring) or high (~2**15 finer); "
+        "clients may ask for any profile, circuit_private included",
     )
 
     @model_validator(mode="after")

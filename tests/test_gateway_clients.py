@@ -81,6 +81,23 @@ def test_every_path_clips_inputs_to_the_manifests_raw_range(gateway, caplog):
     assert len(warnings) == 2 and all("1 of 60 input values" in w for w in warnings)  # once per client and model
 
 
+def test_async_sessions_choose_their_profile_and_requests_their_backend(gateway):
+    x = np.random.default_rng(1).normal(size=(10, 30)).astype(np.float32)
+    with HegateClient(gateway.target) as client:
+        plain = client.predict(MODEL, x, backend="numba")
+
+    async def run():
+        async with AsyncHegateClient(gateway.target) as client:
+            reference = await client.predict(MODEL, x, backend="onnxruntime")
+            async with await client.encrypted_session(MODEL, profile="circuit_private") as session:
+                return reference, session.spec, (await session.predict(x)).logits
+
+    reference, spec, logits = asyncio.run(run())
+    np.testing.assert_array_equal(reference, plain)  # a linear model: both backends exact
+    assert spec.precision == "circuit_private" and spec.circuit_privacy is not None
+    np.testing.assert_allclose(logits, plain, atol=spec.logit_error_bound)
+
+
 def test_reflection_lists_every_service(gateway):
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
@@ -104,15 +121,24 @@ def test_cli_lists_a_running_gateways_models(gateway):
 
 @pytest.mark.parametrize(
     ("sample", "label", "flags"),
-    [("mnist-test-0.npy", "7", ()), ("mnist-test-1.png", "2", ()), ("mnist-test-0.npy", "7", ("--plaintext",))],
+    [
+        ("mnist-test-0.npy", "7", ()),
+        ("mnist-test-1.png", "2", ()),
+        ("mnist-test-0.npy", "7", ("--plaintext",)),
+        ("mnist-test-1.png", "2", ("--profile", "high")),
+    ],
 )
 def test_cli_infer_classifies_sample_files(gateway, sample, label, flags):
     path = resources.files("gateway") / "samples" / sample
     result = _hegate("infer", str(path), "--target", gateway.target, *flags)
     assert result.returncode == 0, result.stderr
     assert f"[0] label {label}" in result.stdout
-    assert ("plaintext path" in result.stdout) == bool(flags)
-    assert ("timings: encrypt" in result.stdout) != bool(flags)
+    plaintext = "--plaintext" in flags
+    assert ("plaintext path" in result.stdout) == plaintext
+    assert ("timings: encrypt" in result.stdout) != plaintext
+    if not plaintext:
+        profile = flags[1] if flags else "standard"  # the gateway's default
+        assert f"encrypted path ({profile} profile)" in result.stdout
 
 
 def test_cli_infer_reports_errors_in_one_line(gateway, tmp_path):

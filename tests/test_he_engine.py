@@ -78,7 +78,7 @@ def _measure(name: str, precisions: list[str]) -> dict[str, dict]:
     reference = onnx_runtime.predict_logits(onnx_runtime.create_session(artifact.onnx_path), x[:tests])
     measured = {}
     for precision in precisions:
-        model = EncryptedModel(artifact.onnx_path, precision=precision)
+        model = EncryptedModel(artifact.onnx_path, profile=precision)
         client = ClientKeys(model.spec)
         keys = model.load_keys(*client.evaluation_keys())
         lanes = model.spec.packing.lanes
@@ -196,7 +196,7 @@ def test_the_grid_is_the_smallest_power_of_two_at_least_twice_the_bound():
 def test_the_high_precision_profile_buys_a_far_smaller_error_with_a_larger_ring(name):
     """The stated bounds; the measured errors at each ring are the first test's."""
     path = REPOSITORY.get(name).onnx_path
-    standard, spec = compile_plan(path)[0], compile_plan(path, precision="high")[0]
+    standard, spec = compile_plan(path)[0], compile_plan(path, profile="high")[0]
     assert spec.precision == "high" and spec.parameters.scale_bits >= 50
     assert spec.parameters.poly_modulus_degree > standard.parameters.poly_modulus_degree
     assert spec.logit_error_bound < standard.logit_error_bound / 1000

@@ -17,6 +17,7 @@ from gateway.keystore import (
     KeyStore,
     key_id_for,
 )
+from gateway.keystore.base import KEY_ID_PREFIX
 from models.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
 
 
@@ -64,7 +65,7 @@ def not_found_message(store: InMemoryKeyStore, key_id: str, tenant: str) -> str:
 def test_key_id_is_a_deterministic_prefixed_sha256():
     first = key_id_for(model_name="mlp", model_version="1", **keys(1))
     assert first == key_id_for(model_name="mlp", model_version="1", **keys(1))
-    assert first.startswith("k1-") and len(first) == 3 + 64
+    assert first.startswith(KEY_ID_PREFIX) and len(first) == len(KEY_ID_PREFIX) + 64
     int(first[3:], 16)  # hex
 
 
@@ -76,9 +77,11 @@ def test_key_id_is_a_deterministic_prefixed_sha256():
         {"relin": b"\x00" + keys(1)["relin"][1:]},
         {"galois": keys(1)["galois"][:-1] + b"\xff"},
         {"galois": keys(1)["galois"] + b"\x00"},
+        {"profile": "circuit_private"},
+        {"public_key": b"\x01"},
     ],
 )
-def test_key_id_changes_with_any_byte_or_the_model(change):
+def test_key_id_changes_with_any_byte_the_model_or_the_profile(change):
     base = {"model_name": "mlp", "model_version": "1", **keys(1)}
     assert key_id_for(**base) != key_id_for(**{**base, **change})
 
@@ -98,6 +101,18 @@ def test_stored_record_carries_the_content_id_and_its_size():
     assert record.key_id == key_id_for(model_name="mlp", model_version="1", **keys(1, 120))
     assert (record.tenant, record.model_name, record.model_version) == ("acme", "mlp", "1")
     assert record.size == 120 and record.created_at == record.last_used_at == clock.now
+
+
+def test_a_record_binds_its_profile_and_counts_its_public_key():
+    store, _ = make_store()
+    record, _ = store.put(
+        tenant="acme", model_name="mlp", model_version="1", profile="circuit_private", public_key=b"p" * 30, **keys(1)
+    )
+    assert record.profile == "circuit_private" and record.size == 100 + 30
+    assert record.key_id == key_id_for(
+        model_name="mlp", model_version="1", profile="circuit_private", public_key=b"p" * 30, **keys(1)
+    )
+    assert store.stored_bytes() == 130
     assert "relin" not in repr(record)  # tens of MB must never reach a log line
 
 
@@ -143,7 +158,7 @@ def test_another_tenants_id_is_indistinguishable_from_an_unknown_one():
     store, _ = make_store()
     record, _ = put(store, 1, tenant="acme")
     foreign = not_found_message(store, record.key_id, "globex")
-    unknown = not_found_message(store, "k1-" + "0" * 64, "acme")
+    unknown = not_found_message(store, KEY_ID_PREFIX + "0" * 64, "acme")
     assert foreign == unknown == KEY_NOT_FOUND_MESSAGE
     assert "register" in foreign and record.key_id not in foreign
     assert store.delete(record.key_id, tenant="globex") is False

@@ -15,7 +15,7 @@ from gateway.workers.pool import StoredKeys, WorkerPool
 
 
 def _keys(key_id: str) -> StoredKeys:
-    return StoredKeys(key_id=key_id, model="m", version="1", relin=b"r", galois=b"g")
+    return StoredKeys(key_id=key_id, model="m", version="1", profile="standard", relin=b"r", galois=b"g")
 
 
 def _replacement(registry: dict[str, StoredKeys], during_give) -> tuple[SimpleNamespace, list[str], list[object]]:

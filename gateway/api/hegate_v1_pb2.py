@@ -27,41 +27,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fhegate_v1.proto\x12\thegate.v1\"\x13\n\x11ListModelsRequest\"w\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x15\n\rmanifest_json\x18\x03 \x01(\t\x12\x11\n\tencrypted\x18\x04 \x01(\x08\x12\r\n\x05lanes\x18\x05 \x01(\r\x12\x0f\n\x07privacy\x18\x06 \x01(\t\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.hegate.v1.ModelSummary\"E\n\x18GetEncryptionSpecRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"o\n\x19GetEncryptionSpecResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x11\n\tspec_json\x18\x03 \x01(\t\x12\x14\n\x0cplan_version\x18\x04 \x01(\r\"\xa7\x01\n\nKeysHeader\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12$\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x14.hegate.v1.KeyFormat\x12\x18\n\x10relin_keys_bytes\x18\x04 \x01(\x04\x12\x19\n\x11galois_keys_bytes\x18\x05 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\"T\n\x11RegisterKeysChunk\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.hegate.v1.KeysHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"Q\n\x14RegisterKeysResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x14\n\x0cstored_bytes\x18\x02 \x01(\x04\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x01\"#\n\x11\x44\x65leteKeysRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"%\n\x12\x44\x65leteKeysResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"G\n\rServerTimings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"x\n\x0cInferRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\x12\n\nciphertext\x18\x04 \x01(\x0c\x12\r\n\x05\x63ount\x18\x05 \x01(\r\x12\n\n\x02id\x18\x06 \x01(\t\"\x94\x01\n\rInferResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12\x12\n\nciphertext\x18\x04 \x01(\x0c\x12\r\n\x05\x63ount\x18\x05 \x01(\r\x12)\n\x07timings\x18\x06 \x01(\x0b\x32\x18.hegate.v1.ServerTimings*\\\n\tKeyFormat\x12\x1a\n\x16KEY_FORMAT_UNSPECIFIED\x10\x00\x12\x13\n\x0fKEY_FORMAT_SEAL\x10\x01\x12\x1e\n\x1aKEY_FORMAT_TENSEAL_CONTEXT\x10\x02\x32\x97\x03\n\x12\x45ncryptedInference\x12I\n\nListModels\x12\x1c.hegate.v1.ListModelsRequest\x1a\x1d.hegate.v1.ListModelsResponse\x12^\n\x11GetEncryptionSpec\x12#.hegate.v1.GetEncryptionSpecRequest\x1a$.hegate.v1.GetEncryptionSpecResponse\x12O\n\x0cRegisterKeys\x12\x1c.hegate.v1.RegisterKeysChunk\x1a\x1f.hegate.v1.RegisterKeysResponse(\x01\x12I\n\nDeleteKeys\x12\x1c.hegate.v1.DeleteKeysRequest\x1a\x1d.hegate.v1.DeleteKeysResponse\x12:\n\x05Infer\x12\x17.hegate.v1.InferRequest\x1a\x18.hegate.v1.InferResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fhegate_v1.proto\x12\thegate.v1\"\x13\n\x11ListModelsRequest\"\x89\x01\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x15\n\rmanifest_json\x18\x03 \x01(\t\x12\x11\n\tencrypted\x18\x04 \x01(\x08\x12\r\n\x05lanes\x18\x05 \x01(\r\x12\x10\n\x08profiles\x18\x06 \x03(\t\x12\x0f\n\x07privacy\x18\x07 \x01(\t\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.hegate.v1.ModelSummary\"V\n\x18GetEncryptionSpecRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0f\n\x07profile\x18\x03 \x01(\t\"\x80\x01\n\x19GetEncryptionSpecResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x11\n\tspec_json\x18\x03 \x01(\t\x12\x14\n\x0cplan_version\x18\x04 \x01(\r\x12\x0f\n\x07profile\x18\x05 \x01(\t\"\xd2\x01\n\nKeysHeader\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12$\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x14.hegate.v1.KeyFormat\x12\x18\n\x10relin_keys_bytes\x18\x04 \x01(\x04\x12\x19\n\x11galois_keys_bytes\x18\x05 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\x12\x0f\n\x07profile\x18\x07 \x01(\t\x12\x18\n\x10public_key_bytes\x18\x08 \x01(\x04\"T\n\x11RegisterKeysChunk\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.hegate.v1.KeysHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"Q\n\x14RegisterKeysResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x14\n\x0cstored_bytes\x18\x02 \x01(\x04\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x01\"#\n\x11\x44\x65leteKeysRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"%\n\x12\x44\x65leteKeysResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"G\n\rServerTimings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"x\n\x0cInferRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\x12\n\nciphertext\x18\x04 \x01(\x0c\x12\r\n\x05\x63ount\x18\x05 \x01(\r\x12\n\n\x02id\x18\x06 \x01(\t\"\x94\x01\n\rInferResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12\x12\n\nciphertext\x18\x04 \x01(\x0c\x12\r\n\x05\x63ount\x18\x05 \x01(\r\x12)\n\x07timings\x18\x06 \x01(\x0b\x32\x18.hegate.v1.ServerTimings*\\\n\tKeyFormat\x12\x1a\n\x16KEY_FORMAT_UNSPECIFIED\x10\x00\x12\x13\n\x0fKEY_FORMAT_SEAL\x10\x01\x12\x1e\n\x1aKEY_FORMAT_TENSEAL_CONTEXT\x10\x02\x32\x97\x03\n\x12\x45ncryptedInference\x12I\n\nListModels\x12\x1c.hegate.v1.ListModelsRequest\x1a\x1d.hegate.v1.ListModelsResponse\x12^\n\x11GetEncryptionSpec\x12#.hegate.v1.GetEncryptionSpecRequest\x1a$.hegate.v1.GetEncryptionSpecResponse\x12O\n\x0cRegisterKeys\x12\x1c.hegate.v1.RegisterKeysChunk\x1a\x1f.hegate.v1.RegisterKeysResponse(\x01\x12I\n\nDeleteKeys\x12\x1c.hegate.v1.DeleteKeysRequest\x1a\x1d.hegate.v1.DeleteKeysResponse\x12:\n\x05Infer\x12\x17.hegate.v1.InferRequest\x1a\x18.hegate.v1.InferResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hegate_v1_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KEYFORMAT']._serialized_start=1180
-  _globals['_KEYFORMAT']._serialized_end=1272
+  _globals['_KEYFORMAT']._serialized_start=1277
+  _globals['_KEYFORMAT']._serialized_end=1369
   _globals['_LISTMODELSREQUEST']._serialized_start=30
   _globals['_LISTMODELSREQUEST']._serialized_end=49
-  _globals['_MODELSUMMARY']._serialized_start=51
-  _globals['_MODELSUMMARY']._serialized_end=170
-  _globals['_LISTMODELSRESPONSE']._serialized_start=172
-  _globals['_LISTMODELSRESPONSE']._serialized_end=233
-  _globals['_GETENCRYPTIONSPECREQUEST']._serialized_start=235
-  _globals['_GETENCRYPTIONSPECREQUEST']._serialized_end=304
-  _globals['_GETENCRYPTIONSPECRESPONSE']._serialized_start=306
-  _globals['_GETENCRYPTIONSPECRESPONSE']._serialized_end=417
-  _globals['_KEYSHEADER']._serialized_start=420
-  _globals['_KEYSHEADER']._serialized_end=587
-  _globals['_REGISTERKEYSCHUNK']._serialized_start=589
-  _globals['_REGISTERKEYSCHUNK']._serialized_end=673
-  _globals['_REGISTERKEYSRESPONSE']._serialized_start=675
-  _globals['_REGISTERKEYSRESPONSE']._serialized_end=756
-  _globals['_DELETEKEYSREQUEST']._serialized_start=758
-  _globals['_DELETEKEYSREQUEST']._serialized_end=793
-  _globals['_DELETEKEYSRESPONSE']._serialized_start=795
-  _globals['_DELETEKEYSRESPONSE']._serialized_end=832
-  _globals['_SERVERTIMINGS']._serialized_start=834
-  _globals['_SERVERTIMINGS']._serialized_end=905
-  _globals['_INFERREQUEST']._serialized_start=907
-  _globals['_INFERREQUEST']._serialized_end=1027
-  _globals['_INFERRESPONSE']._serialized_start=1030
-  _globals['_INFERRESPONSE']._serialized_end=1178
-  _globals['_ENCRYPTEDINFERENCE']._serialized_start=1275
-  _globals['_ENCRYPTEDINFERENCE']._serialized_end=1682
+  _globals['_MODELSUMMARY']._serialized_start=52
+  _globals['_MODELSUMMARY']._serialized_end=189
+  _globals['_LISTMODELSRESPONSE']._serialized_start=191
+  _globals['_LISTMODELSRESPONSE']._serialized_end=252
+  _globals['_GETENCRYPTIONSPECREQUEST']._serialized_start=254
+  _globals['_GETENCRYPTIONSPECREQUEST']._serialized_end=340
+  _globals['_GETENCRYPTIONSPECRESPONSE']._serialized_start=343
+  _globals['_GETENCRYPTIONSPECRESPONSE']._serialized_end=471
+  _globals['_KEYSHEADER']._serialized_start=474
+  _globals['_KEYSHEADER']._serialized_end=684
+  _globals['_REGISTERKEYSCHUNK']._serialized_start=686
+  _globals['_REGISTERKEYSCHUNK']._serialized_end=770
+  _globals['_REGISTERKEYSRESPONSE']._serialized_start=772
+  _globals['_REGISTERKEYSRESPONSE']._serialized_end=853
+  _globals['_DELETEKEYSREQUEST']._serialized_start=855
+  _globals['_DELETEKEYSREQUEST']._serialized_end=890
+  _globals['_DELETEKEYSRESPONSE']._serialized_start=892
+  _globals['_DELETEKEYSRESPONSE']._serialized_end=929
+  _globals['_SERVERTIMINGS']._serialized_start=931
+  _globals['_SERVERTIMINGS']._serialized_end=1002
+  _globals['_INFERREQUEST']._serialized_start=1004
+  _globals['_INFERREQUEST']._serialized_end=1124
+  _globals['_INFERRESPONSE']._serialized_start=1127
+  _globals['_INFERRESPONSE']._serialized_end=1275
+  _globals['_ENCRYPTEDINFERENCE']._serialized_start=1372
+  _globals['_ENCRYPTEDINFERENCE']._serialized_end=1779
 # @@protoc_insertion_point(module_scope)

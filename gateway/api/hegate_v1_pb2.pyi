@@ -24,20 +24,22 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelSummary(_message.Message):
-    __slots__ = ("name", "version", "manifest_json", "encrypted", "lanes", "privacy")
+    __slots__ = ("name", "version", "manifest_json", "encrypted", "lanes", "profiles", "privacy")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     ENCRYPTED_FIELD_NUMBER: _ClassVar[int]
     LANES_FIELD_NUMBER: _ClassVar[int]
+    PROFILES_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     manifest_json: str
     encrypted: bool
     lanes: int
+    profiles: _containers.RepeatedScalarFieldContainer[str]
     privacy: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., manifest_json: _Optional[str] = ..., encrypted: _Optional[bool] = ..., lanes: _Optional[int] = ..., privacy: _Optional[str] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., manifest_json: _Optional[str] = ..., encrypted: _Optional[bool] = ..., lanes: _Optional[int] = ..., profiles: _Optional[_Iterable[str]] = ..., privacy: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
@@ -46,40 +48,48 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelSummary, _Mapping]]] = ...) -> None: ...
 
 class GetEncryptionSpecRequest(_message.Message):
-    __slots__ = ("model_name", "model_version")
+    __slots__ = ("model_name", "model_version", "profile")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+    profile: str
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., profile: _Optional[str] = ...) -> None: ...
 
 class GetEncryptionSpecResponse(_message.Message):
-    __slots__ = ("model_name", "model_version", "spec_json", "plan_version")
+    __slots__ = ("model_name", "model_version", "spec_json", "plan_version", "profile")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     spec_json: str
     plan_version: int
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., spec_json: _Optional[str] = ..., plan_version: _Optional[int] = ...) -> None: ...
+    profile: str
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., spec_json: _Optional[str] = ..., plan_version: _Optional[int] = ..., profile: _Optional[str] = ...) -> None: ...
 
 class KeysHeader(_message.Message):
-    __slots__ = ("model_name", "model_version", "format", "relin_keys_bytes", "galois_keys_bytes", "total_bytes")
+    __slots__ = ("model_name", "model_version", "format", "relin_keys_bytes", "galois_keys_bytes", "total_bytes", "profile", "public_key_bytes")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     RELIN_KEYS_BYTES_FIELD_NUMBER: _ClassVar[int]
     GALOIS_KEYS_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_BYTES_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     format: KeyFormat
     relin_keys_bytes: int
     galois_keys_bytes: int
     total_bytes: int
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., format: _Optional[_Union[KeyFormat, str]] = ..., relin_keys_bytes: _Optional[int] = ..., galois_keys_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+    profile: str
+    public_key_bytes: int
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., format: _Optional[_Union[KeyFormat, str]] = ..., relin_keys_bytes: _Optional[int] = ..., galois_keys_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., profile: _Optional[str] = ..., public_key_bytes: _Optional[int] = ...) -> None: ...
 
 class RegisterKeysChunk(_message.Message):
     __slots__ = ("header", "data")

@@ -7,6 +7,8 @@
         logits = client.predict("mnist-cnn-eps3", x)            # plaintext, Open Inference Protocol
         with client.encrypted_session("mnist-cnn-eps3") as session:
             result = session.predict(x)                          # encrypted here, decrypted here
+        with client.encrypted_session("mnist-cnn-eps3", profile="circuit_private") as session:
+            result = session.predict(x)                          # ... and the result hides the model
 
 Errors are the domain classes of :mod:`models.errors` with the gRPC code in ``.status``.
 """

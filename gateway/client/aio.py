@@ -30,7 +30,9 @@ from gateway.client.protocol import (
     logits_of,
     model_infos,
     model_inputs,
+    session_keys,
     spec_of,
+    spec_request,
     translated_errors,
 )
 from gateway.he.client import ClientKeys, DecryptedLogits
@@ -66,23 +68,22 @@ class AsyncHegateClient:
     async def live(self) -> bool:
         return (await self._call(self._oip.ServerLive, oip.ServerLiveRequest())).live
 
-    async def predict(self, model: str, x: np.ndarray, *, version: str = "") -> np.ndarray:
-        request = infer_request(await self.model(model, version), x)
-        return logits_of(await self._call(self._oip.ModelInfer, request))
+    async def predict(self, model: str, x: np.ndarray, *, version: str = "", backend: str | None = None) -> np.ndarray:
+        request = infer_request(await self.model(model, version), x, backend)
+        return logits_of(await self._call(self._oip.ModelInfer, request), backend)
 
     async def platform(self, model: str, version: str = "") -> str:
         request = oip.ModelMetadataRequest(name=model, version=version)
         return (await self._call(self._oip.ModelMetadata, request)).platform
 
-    async def spec(self, model: str, version: str = "") -> EncryptionSpec:
-        request = hv1.GetEncryptionSpecRequest(model_name=model, model_version=version)
-        return spec_of(await self._call(self._hegate.GetEncryptionSpec, request))
+    async def spec(self, model: str, version: str = "", profile: str | None = None) -> EncryptionSpec:
+        return spec_of(await self._call(self._hegate.GetEncryptionSpec, spec_request(model, version, profile)))
 
     async def encrypted_session(
-        self, model: str, *, version: str = "", progress: Progress | None = None
+        self, model: str, *, version: str = "", profile: str | None = None, progress: Progress | None = None
     ) -> AsyncEncryptedSession:
         session = AsyncEncryptedSession(self, await self.model(model, version))
-        await session.register(progress)
+        await session.register(progress, profile=profile)
         return session
 
     async def close(self) -> None:
@@ -102,15 +103,15 @@ class AsyncEncryptedSession:
         self.client = client
         self.model = model
 
-    async def register(self, progress: Progress | None = None) -> None:
-        self.spec = await self.client.spec(self.model.name, self.model.version)
+    async def register(self, progress: Progress | None = None, *, profile: str | None = None) -> None:
+        self.spec = await self.client.spec(self.model.name, self.model.version, profile)
         self.keys = await asyncio.to_thread(ClientKeys, self.spec)
-        relin, galois = await asyncio.to_thread(self.keys.evaluation_keys)
-        self.key_bytes = len(relin) + len(galois)
+        uploaded = await asyncio.to_thread(session_keys, self.keys)
+        self.key_bytes = sum(map(len, uploaded))
         started = time.perf_counter()
         with translated_errors():
             response = await self.client._hegate.RegisterKeys(
-                key_chunks(self.model, relin, galois, progress),
+                key_chunks(self.model, self.spec, uploaded, progress),
                 metadata=self.client.options.metadata,
                 timeout=self.client.options.timeout_seconds,
             )

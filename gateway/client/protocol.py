@@ -14,9 +14,11 @@ import grpc
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.api import BACKEND_PARAMETER
 from gateway.api import grpc_predict_v2_pb2 as oip
 from gateway.api import hegate_v1_pb2 as hv1
 from gateway.client.inputs import InputRange
+from gateway.he.client import ClientKeys
 from gateway.he.plan import EncryptionSpec
 from gateway.server.auth import API_KEY_HEADER
 from gateway.status import error_for
@@ -75,7 +77,8 @@ class ModelInfo:
     version: str
     manifest: Manifest
     encrypted: bool
-    lanes: int
+    lanes: int  # under the default profile
+    profiles: tuple[str, ...] = ()  # the CKKS profiles the gateway offers for it, default first
     input_range: InputRange = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -135,6 +138,7 @@ def model_infos(response: hv1.ListModelsResponse) -> list[ModelInfo]:
             manifest=Manifest.model_validate_json(m.manifest_json),
             encrypted=m.encrypted,
             lanes=m.lanes,
+            profiles=tuple(m.profiles),
         )
         for m in response.models
     ]
@@ -171,16 +175,29 @@ def model_inputs(model: ModelInfo, x: np.ndarray) -> np.ndarray:
     return model.input_range.clip(x)
 
 
-def infer_request(model: ModelInfo, x: np.ndarray) -> oip.ModelInferRequest:
-    """One plaintext request for a batch ``[n, *input_shape]`` (or one input) of normalized inputs."""
+def infer_request(model: ModelInfo, x: np.ndarray, backend: str | None = None) -> oip.ModelInferRequest:
+    """One plaintext request for a batch ``[n, *input_shape]`` (or one input) of normalized inputs;
+    ``backend`` ("numba" or "onnxruntime") names the gateway's plaintext backend, None its default."""
     x = np.ascontiguousarray(model_inputs(model, x), dtype="<f4")
     tensor = oip.ModelInferRequest.InferInputTensor(name=model.manifest.input.name, datatype="FP32", shape=x.shape)
-    return oip.ModelInferRequest(
+    request = oip.ModelInferRequest(
         model_name=model.name, model_version=model.version, inputs=[tensor], raw_input_contents=[x.tobytes()]
     )
+    if backend:
+        request.parameters[BACKEND_PARAMETER].string_param = backend
+    return request
 
 
-def logits_of(response: oip.ModelInferResponse) -> np.ndarray:
+def logits_of(response: oip.ModelInferResponse, backend: str | None = None) -> np.ndarray:
+    """The logits of a response; ``backend``: the one the request named, which the gateway must echo.
+
+    Raises:
+        InvalidArgumentError: a backend was named and the gateway ignored it (it predates the parameter).
+    """
+    if backend and BACKEND_PARAMETER not in response.parameters:
+        raise InvalidArgumentError(
+            f"the gateway ignored the request parameter {BACKEND_PARAMETER!r}: it serves its default backend only"
+        )
     output = response.outputs[0]
     return np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(tuple(output.shape)).copy()
 
@@ -189,11 +206,20 @@ def spec_of(response: hv1.GetEncryptionSpecResponse) -> EncryptionSpec:
     return EncryptionSpec.model_validate_json(response.spec_json)
 
 
+def spec_request(model: str, version: str, profile: str | None) -> hv1.GetEncryptionSpecRequest:
+    return hv1.GetEncryptionSpecRequest(model_name=model, model_version=version, profile=profile or "")
+
+
 def key_chunks(
-    model: ModelInfo, relin: bytes, galois: bytes, progress: Progress | None = None
+    model: ModelInfo,
+    spec: EncryptionSpec,
+    keys: tuple[bytes, bytes, bytes],
+    progress: Progress | None = None,
 ) -> Iterator[hv1.RegisterKeysChunk]:
-    """The upload: a header, then the relinearization and Galois key bytes in 1 MiB chunks."""
-    total = len(relin) + len(galois)
+    """The upload: a header naming ``spec``'s profile, then the relinearization, Galois and (for
+    circuit_private) public key bytes in 1 MiB chunks."""
+    relin, galois, public = keys
+    total = len(relin) + len(galois) + len(public)
     header = hv1.KeysHeader(
         model_name=model.name,
         model_version=model.version,
@@ -201,13 +227,22 @@ def key_chunks(
         relin_keys_bytes=len(relin),
         galois_keys_bytes=len(galois),
         total_bytes=total,
+        profile=spec.precision,
+        public_key_bytes=len(public),
     )
     yield hv1.RegisterKeysChunk(header=header)
-    data = memoryview(relin + galois)
+    data = memoryview(relin + galois + public)
     for start in range(0, total, CHUNK_BYTES):
         yield hv1.RegisterKeysChunk(data=bytes(data[start : start + CHUNK_BYTES]))
         if progress is not None:
             progress(min(start + CHUNK_BYTES, total), total)
+
+
+def session_keys(keys: ClientKeys) -> tuple[bytes, bytes, bytes]:
+    """What an encrypted session registers: the evaluation keys, and a public key when the spec's
+    profile is circuit_private (the other profiles refuse one)."""
+    relin, galois = keys.evaluation_keys()
+    return relin, galois, keys.public_key() if keys.spec.circuit_privacy is not None else b""
 
 
 def encrypted_request(model: ModelInfo, key_id: str, ciphertext: bytes, count: int) -> hv1.InferRequest:

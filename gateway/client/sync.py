@@ -25,7 +25,9 @@ from gateway.client.protocol import (
     logits_of,
     model_infos,
     model_inputs,
+    session_keys,
     spec_of,
+    spec_request,
     translated_errors,
 )
 from gateway.he.client import ClientKeys
@@ -62,22 +64,27 @@ class HegateClient:
     def live(self) -> bool:
         return self._call(self._oip.ServerLive, oip.ServerLiveRequest()).live
 
-    def predict(self, model: str, x: np.ndarray, *, version: str = "") -> np.ndarray:
-        """Plaintext logits ``[n, classes]`` for normalized float32 inputs (one, or a batch)."""
-        return logits_of(self._call(self._oip.ModelInfer, infer_request(self.model(model, version), x)))
+    def predict(self, model: str, x: np.ndarray, *, version: str = "", backend: str | None = None) -> np.ndarray:
+        """Plaintext logits ``[n, classes]`` for normalized float32 inputs (one, or a batch);
+        ``backend`` ("numba" or "onnxruntime") picks the gateway's plaintext backend, None its default."""
+        request = infer_request(self.model(model, version), x, backend)
+        return logits_of(self._call(self._oip.ModelInfer, request), backend)
 
     def platform(self, model: str, version: str = "") -> str:
         """The model's Open Inference Protocol platform: ``hegate_int8_<plaintext backend>`` here."""
         request = oip.ModelMetadataRequest(name=model, version=version)
         return self._call(self._oip.ModelMetadata, request).platform
 
-    def spec(self, model: str, version: str = "") -> EncryptionSpec:
-        request = hv1.GetEncryptionSpecRequest(model_name=model, model_version=version)
-        return spec_of(self._call(self._hegate.GetEncryptionSpec, request))
+    def spec(self, model: str, version: str = "", profile: str | None = None) -> EncryptionSpec:
+        """The model's public encryption spec under ``profile`` (None: the gateway's default)."""
+        return spec_of(self._call(self._hegate.GetEncryptionSpec, spec_request(model, version, profile)))
 
-    def encrypted_session(self, model: str, *, version: str = "", progress: Progress | None = None) -> EncryptedSession:
-        """Make keys for ``model`` here from its public spec and register them (once)."""
-        return EncryptedSession(self, self.model(model, version), progress=progress)
+    def encrypted_session(
+        self, model: str, *, version: str = "", profile: str | None = None, progress: Progress | None = None
+    ) -> EncryptedSession:
+        """Make keys for ``model`` here from its public spec under ``profile`` ("standard", "high",
+        "circuit_private"; None: the gateway's default) and register them (once)."""
+        return EncryptedSession(self, self.model(model, version), profile=profile, progress=progress)
 
     def close(self) -> None:
         self.channel.close()
@@ -94,17 +101,19 @@ class HegateClient:
 class EncryptedSession:
     """A secret key that stays here, its evaluation keys registered on the gateway, and calls."""
 
-    def __init__(self, client: HegateClient, model: ModelInfo, *, progress: Progress | None = None) -> None:
+    def __init__(
+        self, client: HegateClient, model: ModelInfo, *, profile: str | None = None, progress: Progress | None = None
+    ) -> None:
         self.client = client
         self.model = model
-        self.spec = client.spec(model.name, model.version)
+        self.spec = client.spec(model.name, model.version, profile)
         self.keys = ClientKeys(self.spec)
-        relin, galois = self.keys.evaluation_keys()
-        self.key_bytes = len(relin) + len(galois)
+        uploaded = session_keys(self.keys)
+        self.key_bytes = sum(map(len, uploaded))
         started = time.perf_counter()
         with translated_errors():
             response = client._hegate.RegisterKeys(
-                key_chunks(model, relin, galois, progress),
+                key_chunks(model, self.spec, uploaded, progress),
                 metadata=client.options.metadata,
                 timeout=client.options.timeout_seconds,
             )

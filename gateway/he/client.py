@@ -1,7 +1,8 @@
 """Client side: keys from the public spec, encryption of inputs, decryption of their logits.
 
 The secret key is made here and never leaves this object; what goes to the server is the
-relinearization key and Galois keys for exactly the spec's rotation steps. Up to
+relinearization key and Galois keys for exactly the spec's rotation steps (and, for the
+``circuit_private`` profile, a public key). Up to
 ``spec.packing.lanes`` inputs share one ciphertext and cost the server as much as one.
 
 Decrypted logits leave this object rounded to a grid (see :func:`logit_grid`): a full-precision
@@ -81,6 +82,14 @@ class ClientKeys:
         """Seeded relinearization key and Galois keys (the spec's rotation steps only), as bytes."""
         elements = self.spec.parameters.galois_elements(self.spec.rotation_steps)
         return dump(self._generator.create_relin_keys()), dump(self._generator.create_galois_keys(elements))
+
+    def public_key(self) -> bytes:
+        """A public key, for the ``circuit_private`` profile: the server re-randomizes results with a
+        fresh encryption of zero under it. It holds no secret: anyone may encrypt with it. (Not seeded:
+        ``tenseal.sealapi`` does not expose SEAL's seeded public key, so it is twice the bytes.)"""
+        public = seal.PublicKey()
+        self._generator.create_public_key(public)
+        return dump(public)
 
     def encrypt(self, inputs: np.ndarray) -> bytes:
         """Encrypt one normalized input, or a batch ``[n, *input_shape]`` of up to ``lanes``.

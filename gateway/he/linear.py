@@ -136,6 +136,17 @@ def plan_matrix(matrix: np.ndarray, bias: np.ndarray | None, *, slots: int) -> D
     return DiagonalPlan(slots=slots, baby=baby, diagonals=diagonals, bias=full_bias)
 
 
+def dropped_primes(context: seal.SEALContext, parms_id, count: int) -> tuple[float, list[int]]:
+    """The product of the ``count`` primes that ``count`` rescales from ``parms_id`` drop (the last
+    prime of each level on the way), and the level they lead to."""
+    product = 1.0
+    for _ in range(count):
+        data = context.get_context_data(parms_id)
+        product *= float(data.parms().coeff_modulus()[-1].value())
+        parms_id = data.next_context_data().parms_id()
+    return product, parms_id
+
+
 class EncodedLinear:
     """A :class:`DiagonalPlan` with its plaintexts encoded for one level: server-side, read-only.
 
@@ -153,8 +164,10 @@ class EncodedLinear:
         lanes: int,
         input_scale: float,
         output_scale: float | None = None,
+        levels: int = 1,
     ) -> None:
         """``output_scale`` defaults to ``input_scale``; the last layer lowers it to fit the first prime.
+        ``levels``: primes the layer drops (rescales after its products; two for circuit_private).
 
         A rotation adds key-switching noise of a roughly fixed size (about 2**17 here), which
         only a large scale makes negligible. So a layer that lowers its scale rotates everything
@@ -164,14 +177,13 @@ class EncodedLinear:
         self.plan = plan
         self.rotate_before_rescale = output_scale is not None and output_scale < input_scale
         self.lanes = lanes
+        self.levels = levels
         encoder = seal.CKKSEncoder(context)
-        data = context.get_context_data(parms_id)
-        dropped_prime = float(data.parms().coeff_modulus()[-1].value())
+        dropped, next_parms_id = dropped_primes(context, parms_id, levels)
         self.input_scale = input_scale
         self.output_scale = output_scale or input_scale
-        # (input_scale * plaintext_scale) / dropped_prime == output_scale after the rescale
-        plaintext_scale = dropped_prime * self.output_scale / input_scale
-        next_parms_id = data.next_context_data().parms_id()
+        # (input_scale * plaintext_scale) / dropped == output_scale after the rescales
+        plaintext_scale = dropped * self.output_scale / input_scale
         self._plaintexts: dict[tuple[int, int], seal.Plaintext] = {}
         for d, diag in plan.diagonals.items():
             giant, baby = d - d % plan.baby, d % plan.baby
@@ -209,7 +221,8 @@ class EncodedLinear:
                 else:
                     evaluator.add_inplace(partial, product)
             if not self.rotate_before_rescale:
-                evaluator.rescale_to_next_inplace(partial)
+                for _ in range(self.levels):
+                    evaluator.rescale_to_next_inplace(partial)
             if giant:
                 evaluator.rotate_vector_inplace(partial, giant * self.lanes, galois_keys)
             if total is None:
@@ -221,7 +234,8 @@ class EncodedLinear:
             evaluator.rotate_vector(total, step * self.lanes, galois_keys, shifted)
             evaluator.add_inplace(total, shifted)
         if self.rotate_before_rescale:
-            evaluator.rescale_to_next_inplace(total)
+            for _ in range(self.levels):
+                evaluator.rescale_to_next_inplace(total)
         total.scale = self.output_scale
         if self._bias is not None:
             evaluator.add_plain_inplace(total, self._bias)

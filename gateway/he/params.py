@@ -9,6 +9,7 @@ the values SEAL's ``CoeffModulus.MaxBitCount(N, tc128)`` returns; a test checks 
 from __future__ import annotations
 
 import math
+import typing
 from functools import cached_property
 from typing import TYPE_CHECKING, Literal
 
@@ -25,6 +26,10 @@ MIN_SCALE_BITS = 26  # below this, the intermediate layers' rounding reaches the
 RESULT_SCALE_BITS = 24  # the result's rounding, ~2**-24 relative: far below any logit margin
 
 Precision = Literal["standard", "high"]
+Profile = Literal["standard", "high", "circuit_private"]
+"""Every profile a client may ask for. The first two differ in precision only; ``circuit_private``
+(see :mod:`gateway.he.flooding`) also hides the model in the result, and needs the client's public key."""
+PROFILES: tuple[Profile, ...] = typing.get_args(Profile)
 
 
 class PrecisionProfile(BaseModel):
@@ -59,8 +64,8 @@ class CkksParameters(BaseModel):
 
     poly_modulus_degree: int = Field(description="ring degree N; N/2 slots")
     coeff_modulus_bits: list[int] = Field(min_length=3)
-    scale_bits: int = Field(ge=20, le=MAX_PRIME_BITS)
-    result_scale_bits: int = Field(default=RESULT_SCALE_BITS, ge=10, le=MAX_PRIME_BITS)
+    scale_bits: int = Field(ge=20, le=2 * MAX_PRIME_BITS, description="above one prime when a level drops two")
+    result_scale_bits: int = Field(default=RESULT_SCALE_BITS, ge=10, le=2 * MAX_PRIME_BITS)
 
     @model_validator(mode="after")
     def _secure(self) -> CkksParameters:

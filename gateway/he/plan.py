@@ -3,24 +3,41 @@
 ``compile_plan`` lowers a model to affine maps and squares, chooses the input packing (im2col
 when the first layer is a convolution, flat otherwise; see :mod:`gateway.he.packing`), lays
 each affine map out as baby-step / giant-step diagonals in the lane's virtual slots, chooses
-CKKS parameters for the depth, the width and a rigorous bound on every value, and collects the
-rotation steps, the costs per layer and the error bound into the public :class:`EncryptionSpec`.
+CKKS parameters for the profile, the depth, the width and a rigorous bound on every value, and
+collects the rotation steps, the costs per layer and the error bound into the public
+:class:`EncryptionSpec`. The ``circuit_private`` profile adds a flood (:mod:`gateway.he.flooding`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tenseal.sealapi as seal
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
+from gateway.he.flooding import LEVELS_PER_LAYER, CircuitPrivacy, Flooder, choose_private_parameters
 from gateway.he.graph import Affine, LoweredModel, Square, lower
-from gateway.he.linear import DiagonalPlan, EncodedLinear, next_power_of_two, plan_matrix, plan_replicated
+from gateway.he.linear import (
+    DiagonalPlan,
+    EncodedLinear,
+    dropped_primes,
+    next_power_of_two,
+    plan_matrix,
+    plan_replicated,
+)
 from gateway.he.packing import ConvGeometry, Packing
-from gateway.he.params import CkksParameters, Precision, choose_parameters
-from gateway.he.wire import dump, load_ciphertext, load_galois_keys, load_public_context, load_relin_keys
+from gateway.he.params import CkksParameters, Profile, choose_parameters
+from gateway.he.wire import (
+    dump,
+    load_ciphertext,
+    load_galois_keys,
+    load_public_context,
+    load_public_key,
+    load_relin_keys,
+)
 from models.errors import InvalidArgumentError
 
 PLAN_VERSION = 2
@@ -52,7 +69,9 @@ class EncryptionSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     plan_version: int = PLAN_VERSION
-    precision: Precision = Field(default="standard", description="the profile the parameters were chosen for")
+    precision: Profile = Field(
+        default="standard", description="the profile the parameters were chosen for (standard, high, circuit_private)"
+    )
     parameters: CkksParameters
     rotation_steps: list[int] = Field(description="the only rotations evaluation uses: make Galois keys for these")
     packing: Packing
@@ -61,8 +80,20 @@ class EncryptionSpec(BaseModel):
     layers: list[LayerCost]
     logit_error_bound: float = Field(
         description="bound on |encrypted - exact| for each logit, where exact is the int8 network without "
-        "onnxruntime's rounding of intermediate activations (see CIPHERTEXT_NOISE)"
+        "onnxruntime's rounding of intermediate activations (see CIPHERTEXT_NOISE); with circuit_private, "
+        "the flood's effect too (holds except with probability 2**-40 per result)"
     )
+    circuit_privacy: CircuitPrivacy | None = Field(
+        default=None, description="circuit_private only: the flood; the client must register a public key"
+    )
+
+    @model_serializer(mode="wrap")
+    def _without_absent_privacy(self, handler):
+        """Standard and high specs serialize as before the field existed, so older clients parse them."""
+        data = handler(self)
+        if data.get("circuit_privacy") is None:
+            data.pop("circuit_privacy", None)
+        return data
 
     @property
     def input_shape(self) -> list[int]:
@@ -128,55 +159,66 @@ def _virtual_slots(lowered: LoweredModel) -> int:
     return next_power_of_two(max(widths))
 
 
-def _error_bound(params: CkksParameters, lowered: LoweredModel, bounds: list[float], rotations: list[int]) -> float:
+def _row_sums(lowered: LoweredModel) -> list[float]:
+    """Each stage's largest absolute row sum (0 for a square): how much it can grow an error."""
+    return [float(np.abs(s.matrix).sum(1).max()) if isinstance(s, Affine) else 0.0 for s in lowered.stages]
+
+
+def _error_bound(
+    params: CkksParameters,
+    lowered: LoweredModel,
+    bounds: list[float],
+    rotations: list[int],
+    *,
+    row_sums: list[float],
+    levels: int = 1,
+    interaction_only: bool = False,
+) -> float:
     """The bound under the noise model above (:data:`CIPHERTEXT_NOISE`), carried through every stage.
 
     An affine map scales its input's error by its largest absolute row sum and adds the
     rounding of its encoded weights against the input and the fresh noise of its rotations
     and rescale; a square doubles the relative error and adds its relinearization and rescale.
     The last layer rotates at the product's scale (about ``2**scale_bits`` times the result's)
-    and rescales once, so its rotations add next to nothing.
+    and rescales once, so its rotations add next to nothing. With ``levels`` primes per layer,
+    each layer rescales that many times (the extra rescales, at larger scales, are counted at
+    the smallest one).
+
+    ``interaction_only`` leaves out the input's encryption and every plaintext's encoding: what
+    remains is the noise that depends on how the client's ciphertext met the model, which the
+    circuit-private flood must drown (the rest belongs to the input and to the encoded model).
     """
     noise = CIPHERTEXT_NOISE * params.poly_modulus_degree
-    encoding = ENCODING_NOISE * math.sqrt(params.poly_modulus_degree)
+    encoding = 0.0 if interaction_only else ENCODING_NOISE * math.sqrt(params.poly_modulus_degree)
     scale, result_scale = 2.0**params.scale_bits, 2.0**params.result_scale_bits
     value = float(np.abs(lowered.input_quantization.dequantize(np.array([0, 255]))).max())
-    error = noise / scale  # encryption
+    error = 0.0 if interaction_only else noise / scale  # encryption
     last = len(lowered.stages) - 1
-    for index, (stage, turns, bound) in enumerate(zip(lowered.stages, rotations, bounds, strict=True)):
+    stages = zip(lowered.stages, rotations, bounds, row_sums, strict=True)
+    for index, (stage, turns, bound, row_sum) in enumerate(stages):
         if isinstance(stage, Affine):
             out_scale = result_scale if index == last else scale
             rotation_scale = out_scale * scale if index == last else out_scale
             error = (
-                float(np.abs(stage.matrix).sum(1).max()) * error
+                row_sum * error
                 + math.sqrt(stage.matrix.shape[1]) * value * encoding / out_scale
                 + turns * noise / rotation_scale
-                + noise / out_scale
+                + levels * noise / out_scale
             )
         else:
-            error = 2 * value * error + error**2 + 2 * noise / scale
+            error = 2 * value * error + error**2 + (1 + levels) * noise / scale
         value = bound
     return error
 
 
-def compile_plan(path: Path, *, precision: Precision = "standard") -> tuple[EncryptionSpec, list[DiagonalPlan | None]]:
-    """Lower the model at ``path`` and plan it with parameters of the given ``precision``.
-
-    Raises:
-        UnsupportedOperatorError: an operator CKKS cannot evaluate, named with its node.
-        InvalidArgumentError: a layer or a value range that no secure parameter set holds.
-    """
-    lowered = lower(path)
-    if not isinstance(lowered.stages[-1], Affine) or not isinstance(lowered.stages[0], Affine):
-        raise InvalidArgumentError("the model must start and end with a linear layer")
-    virtual = _virtual_slots(lowered)
-    bounds = lowered.bounds()
-    params = choose_parameters(depth=lowered.depth, slots_needed=virtual, value_bound=max(bounds), precision=precision)
-    packing = _packing(lowered, slots=params.slots, virtual_slots=virtual)
+def _plan_stages(
+    lowered: LoweredModel, packing: Packing, virtual: int, levels: int
+) -> tuple[list[DiagonalPlan | None], list[LayerCost]]:
+    """Each stage's diagonals (None for a square) and cost; independent of the ring."""
     plans: list[DiagonalPlan | None] = []
     costs: list[LayerCost] = []
     period = virtual
-    for index, (stage, bound) in enumerate(zip(lowered.stages, bounds, strict=True)):
+    for index, (stage, bound) in enumerate(zip(lowered.stages, lowered.bounds(), strict=True)):
         if isinstance(stage, Square):
             plans.append(None)
             costs.append(
@@ -186,7 +228,7 @@ def compile_plan(path: Path, *, precision: Precision = "standard") -> tuple[Encr
                     rotations=0,
                     plaintext_products=0,
                     ciphertext_products=1,
-                    levels=1,
+                    levels=levels,
                     value_bound=bound,
                 )
             )
@@ -205,22 +247,73 @@ def compile_plan(path: Path, *, precision: Precision = "standard") -> tuple[Encr
                 rotations=plan.rotations,
                 plaintext_products=plan.products,
                 ciphertext_products=0,
-                levels=1,
+                levels=levels,
                 value_bound=bound,
             )
         )
+    return plans, costs
+
+
+def compile_plan(path: Path, *, profile: Profile = "standard") -> tuple[EncryptionSpec, list[DiagonalPlan | None]]:
+    """Lower the model at ``path`` and plan it with the parameters of ``profile``.
+
+    Raises:
+        UnsupportedOperatorError: an operator CKKS cannot evaluate, named with its node.
+        InvalidArgumentError: a layer or a value range that no secure parameter set holds.
+    """
+    lowered = lower(path)
+    if not isinstance(lowered.stages[-1], Affine) or not isinstance(lowered.stages[0], Affine):
+        raise InvalidArgumentError("the model must start and end with a linear layer")
+    virtual = _virtual_slots(lowered)
+    bounds = lowered.bounds()
+    private = profile == "circuit_private"
+    levels = LEVELS_PER_LAYER if private else 1
+    plans, costs = _plan_stages(lowered, _packing(lowered, slots=virtual, virtual_slots=virtual), virtual, levels)
+    turns = [plan.rotations if plan else 0 for plan in plans]
+    row_sums = _row_sums(lowered)
+    privacy = None
+    if private:
+        if not plans[-1].output_period:
+            # Every slot of a replicated result holds a logit or a zero; any other layout could leave
+            # partial sums of the model in the slots besides the logits, which the flood does not hide.
+            raise InvalidArgumentError("circuit_private needs a last layer in the replicated layout")
+        params, privacy = choose_private_parameters(
+            depth=lowered.depth,
+            slots_needed=virtual,
+            value_bound=max(bounds),
+            evaluation_bound=lambda p: _error_bound(
+                p, lowered, bounds, turns, row_sums=row_sums, levels=levels, interaction_only=True
+            ),
+            noise_per_operation=lambda degree: CIPHERTEXT_NOISE * degree,
+        )
+    else:
+        params = choose_parameters(
+            depth=lowered.depth, slots_needed=virtual, value_bound=max(bounds), precision=profile
+        )
+    packing = _packing(lowered, slots=params.slots, virtual_slots=virtual)
     steps = sorted({step * packing.lanes for plan in plans if plan is not None for step in plan.rotation_steps} - {0})
+    bound = _error_bound(params, lowered, bounds, turns, row_sums=row_sums, levels=levels)
     spec = EncryptionSpec(
-        precision=precision,
+        precision=profile,
         parameters=params,
         rotation_steps=steps,
         packing=packing,
         input_scale=lowered.input_quantization.scale,
         input_zero_point=lowered.input_quantization.zero_point,
         layers=costs,
-        logit_error_bound=_error_bound(params, lowered, bounds, [p.rotations if p else 0 for p in plans]),
+        logit_error_bound=bound + (privacy.flooding_logit_bound if privacy else 0.0),
+        circuit_privacy=privacy,
     )
     return spec, plans
+
+
+@dataclass(frozen=True)
+class EvaluationKeys:
+    """One client's keys as the evaluator uses them; ``public`` only for ``circuit_private``."""
+
+    relin: seal.RelinKeys
+    galois: seal.GaloisKeys
+    public: seal.PublicKey | None = None
 
 
 class EncryptedModel:
@@ -230,22 +323,23 @@ class EncryptedModel:
     requests, each with its own client's keys.
     """
 
-    def __init__(self, path: Path, *, precision: Precision = "standard") -> None:
+    def __init__(self, path: Path, *, profile: Profile = "standard") -> None:
         self.path = path
-        self.spec, stages = compile_plan(path, precision=precision)
+        self.spec, stages = compile_plan(path, profile=profile)
         context = self.spec.parameters.seal_context
         self.context = context
         self.evaluator = seal.Evaluator(context)
         self._layers: list[EncodedLinear | None] = []
+        self._levels = [layer.levels for layer in self.spec.layers]
         parms_id = context.first_parms_id()
         self.input_scale = 2.0**self.spec.parameters.scale_bits
         scale = self.input_scale
         last = len(stages) - 1
-        for index, plan in enumerate(stages):
+        for index, (plan, levels) in enumerate(zip(stages, self._levels, strict=True)):
+            dropped, next_parms_id = dropped_primes(context, parms_id, levels)
             if plan is None:
                 self._layers.append(None)
-                data = context.get_context_data(parms_id)
-                scale = scale * scale / float(data.parms().coeff_modulus()[-1].value())
+                scale = scale * scale / dropped
             else:
                 encoded = EncodedLinear(
                     plan,
@@ -254,27 +348,57 @@ class EncryptedModel:
                     lanes=self.spec.packing.lanes,
                     input_scale=scale,
                     output_scale=2.0**self.spec.parameters.result_scale_bits if index == last else None,
+                    levels=levels,
                 )
                 self._layers.append(encoded)
                 scale = encoded.output_scale
-            parms_id = context.get_context_data(parms_id).next_context_data().parms_id()
+            parms_id = next_parms_id
+        privacy = self.spec.circuit_privacy
+        self._flooder = Flooder(context, parms_id, privacy) if privacy else None
 
-    def load_keys(self, relin: bytes, galois: bytes) -> tuple[seal.RelinKeys, seal.GaloisKeys]:
+    @property
+    def needs_public_key(self) -> bool:
+        return self._flooder is not None
+
+    def load_keys(self, relin: bytes, galois: bytes, public: bytes = b"") -> EvaluationKeys:
         """A client's evaluation keys, checked by SEAL against this model's parameters.
 
         Raises:
-            InvalidArgumentError: bytes that are not keys for these parameters, or Galois keys
-                that lack one of the plan's rotation steps.
+            InvalidArgumentError: bytes that are not keys for these parameters, Galois keys that
+                lack one of the plan's rotation steps, or a public key missing (circuit_private)
+                or not wanted (the other profiles).
         """
-        return self._checked(load_relin_keys(self.context, relin), load_galois_keys(self.context, galois))
+        public_key = self._public_key(public)
+        return self._checked(load_relin_keys(self.context, relin), load_galois_keys(self.context, galois), public_key)
 
-    def load_context(self, data: bytes) -> tuple[seal.RelinKeys, seal.GaloisKeys]:
-        """The keys of a public TenSEAL context; one holding a secret key is refused (see ``wire``)."""
-        return self._checked(*load_public_context(self.context, data))
+    def load_context(self, data: bytes) -> EvaluationKeys:
+        """The keys of a public TenSEAL context; one holding a secret key is refused (see ``wire``).
+        A circuit_private plan takes the context's public key too."""
+        relin, galois, public = load_public_context(self.context, data)
+        if self.needs_public_key and public is None:
+            raise InvalidArgumentError(self._public_key_missing())
+        return self._checked(relin, galois, public if self.needs_public_key else None)
+
+    def _public_key_missing(self) -> str:
+        return (
+            "the circuit_private profile needs the client's public key (the server re-randomizes the "
+            "result with a fresh encryption of zero under it); register it with the evaluation keys"
+        )
+
+    def _public_key(self, data: bytes) -> seal.PublicKey | None:
+        if not self.needs_public_key:
+            if data:
+                raise InvalidArgumentError(
+                    f"a public key is used by the circuit_private profile only, not {self.spec.precision!r}"
+                )
+            return None
+        if not data:
+            raise InvalidArgumentError(self._public_key_missing())
+        return load_public_key(self.context, data)
 
     def _checked(
-        self, relin_keys: seal.RelinKeys, galois_keys: seal.GaloisKeys
-    ) -> tuple[seal.RelinKeys, seal.GaloisKeys]:
+        self, relin_keys: seal.RelinKeys, galois_keys: seal.GaloisKeys, public: seal.PublicKey | None
+    ) -> EvaluationKeys:
         """SEAL's load checks structure, not purpose: Galois keys load as relinearization keys too
         (the same format), and relinearizing with them crashes SEAL. So check what each key is for."""
         if not relin_keys.has_key(2):
@@ -283,23 +407,28 @@ class EncryptedModel:
         missing = [s for s, e in zip(self.spec.rotation_steps, elements, strict=True) if not galois_keys.has_key(e)]
         if missing:
             raise InvalidArgumentError(f"the Galois keys lack rotation steps {missing[:5]}: make keys from the spec")
-        return relin_keys, galois_keys
+        return EvaluationKeys(relin=relin_keys, galois=galois_keys, public=public)
 
-    def evaluate(self, ciphertext: bytes, keys: tuple[seal.RelinKeys, seal.GaloisKeys]) -> bytes:
-        """One encrypted ciphertext (up to ``lanes`` inputs) in, its encrypted logits out."""
+    def evaluate(self, ciphertext: bytes, keys: EvaluationKeys) -> bytes:
+        """One encrypted ciphertext (up to ``lanes`` inputs) in, its encrypted logits out
+        (re-randomized and flooded with circuit_private)."""
         x = load_ciphertext(self.context, ciphertext)
         if x.parms_id() != self.context.first_parms_id() or x.size() != 2:
             raise InvalidArgumentError("the ciphertext is not a fresh encryption at this model's first level")
         if x.scale != self.input_scale:
             raise InvalidArgumentError(f"the ciphertext's scale must be 2**{self.spec.parameters.scale_bits}")
-        relin_keys, galois_keys = keys
-        for layer in self._layers:
+        for layer, levels in zip(self._layers, self._levels, strict=True):
             if layer is None:
                 squared = seal.Ciphertext()
                 self.evaluator.square(x, squared)
-                self.evaluator.relinearize_inplace(squared, relin_keys)
-                self.evaluator.rescale_to_next_inplace(squared)
+                self.evaluator.relinearize_inplace(squared, keys.relin)
+                for _ in range(levels):
+                    self.evaluator.rescale_to_next_inplace(squared)
                 x = squared
             else:
-                x = layer.evaluate(self.evaluator, x, galois_keys)
+                x = layer.evaluate(self.evaluator, x, keys.galois)
+        if self._flooder is not None:
+            if keys.public is None:
+                raise InvalidArgumentError(self._public_key_missing())
+            x = self._flooder.sanitize(x, keys.public)
         return dump(x)

@@ -63,8 +63,14 @@ def load_galois_keys(context: seal.SEALContext, data: bytes) -> seal.GaloisKeys:
     return _load(seal.GaloisKeys, context, data, "Galois keys")
 
 
-def load_public_context(context: seal.SEALContext, data: bytes) -> tuple[seal.RelinKeys, seal.GaloisKeys]:
-    """The relinearization and Galois keys of a serialized TenSEAL context.
+def load_public_key(context: seal.SEALContext, data: bytes) -> seal.PublicKey:
+    return _load(seal.PublicKey, context, data, "public key")
+
+
+def load_public_context(
+    context: seal.SEALContext, data: bytes
+) -> tuple[seal.RelinKeys, seal.GaloisKeys, seal.PublicKey | None]:
+    """The relinearization and Galois keys of a serialized TenSEAL context, and its public key if it holds one.
 
     Raises:
         InvalidArgumentError: the bytes are not a TenSEAL context, the context holds a secret key
@@ -84,4 +90,5 @@ def load_public_context(context: seal.SEALContext, data: bytes) -> tuple[seal.Re
         raise InvalidArgumentError("the context's encryption parameters differ from this model's spec")
     if not (client.has_relin_keys() and client.has_galois_keys()):
         raise InvalidArgumentError("the context lacks relinearization or Galois keys")
-    return client.relin_keys().data, client.galois_keys().data
+    public = client.public_key().data if client.has_public_key() else None
+    return client.relin_keys().data, client.galois_keys().data, public

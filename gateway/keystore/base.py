@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models.errors import NotFoundError
 
-KEY_ID_PREFIX = "k1-"  # bump the digit whenever the hashed encoding changes
-_HASH_DOMAIN = b"hegate/evaluation-keys/v1"
+KEY_ID_PREFIX = "k2-"  # bump the digit whenever the hashed encoding changes (k2: the profile and public key)
+_HASH_DOMAIN = b"hegate/evaluation-keys/v2"
 
 KEY_NOT_FOUND_MESSAGE = (
     "evaluation keys not registered (unknown, expired or evicted key id); register the keys again, then retry"
@@ -28,7 +28,7 @@ KEY_NOT_FOUND_MESSAGE = (
 
 
 class KeyRecord(BaseModel):
-    """One tenant's registered evaluation keys for one model version, as validated bytes.
+    """One tenant's registered evaluation keys for one model version and CKKS profile, as validated bytes.
 
     The bytes are kept as SEAL serialized them; deserialized keys live in the workers, which the
     owner of the store refills from :meth:`KeyStore.records` when one restarts. Records are
@@ -41,26 +41,37 @@ class KeyRecord(BaseModel):
     tenant: str
     model_name: str
     model_version: str
+    profile: str = Field(default="standard", description="the CKKS profile whose spec the keys were made from")
     relin: bytes = Field(repr=False, description="serialized relinearization keys")
     galois: bytes = Field(repr=False, description="serialized Galois keys")
+    public_key: bytes = Field(default=b"", repr=False, description="serialized public key (circuit_private only)")
     created_at: float = Field(description="store clock reading at first registration")
     last_used_at: float = Field(description="store clock reading at the last put or get; the TTL runs from here")
 
     @property
     def size(self) -> int:
         """Bytes this record counts against the store's budget (the key bytes; metadata is noise)."""
-        return len(self.relin) + len(self.galois)
+        return len(self.relin) + len(self.galois) + len(self.public_key)
 
 
-def key_id_for(*, model_name: str, model_version: str, relin: bytes, galois: bytes) -> str:
-    """The content-addressed id of evaluation keys made for one model version.
+def key_id_for(
+    *,
+    model_name: str,
+    model_version: str,
+    relin: bytes,
+    galois: bytes,
+    profile: str = "standard",
+    public_key: bytes = b"",
+) -> str:
+    """The content-addressed id of evaluation keys made for one model version and profile.
 
     Every field is length-prefixed before hashing so that no two different inputs share an
-    encoding (``("ab", "c")`` and ``("a", "bc")`` hash differently). The model is part of the
-    input because the same key bytes registered for another model are a different registration.
+    encoding (``("ab", "c")`` and ``("a", "bc")`` hash differently). The model and the profile are
+    part of the input because the same key bytes registered for another model or profile are a
+    different registration (another plan evaluates with them).
     """
     digest = hashlib.sha256(_HASH_DOMAIN)
-    for part in (model_name.encode(), model_version.encode(), relin, galois):
+    for part in (model_name.encode(), model_version.encode(), profile.encode(), relin, galois, public_key):
         digest.update(len(part).to_bytes(8, "big"))
         digest.update(part)
     return KEY_ID_PREFIX + digest.hexdigest()
@@ -92,7 +103,15 @@ class KeyStore(Protocol):
     """
 
     def put(
-        self, *, tenant: str, model_name: str, model_version: str, relin: bytes, galois: bytes
+        self,
+        *,
+        tenant: str,
+        model_name: str,
+        model_version: str,
+        relin: bytes,
+        galois: bytes,
+        profile: str = "standard",
+        public_key: bytes = b"",
     ) -> tuple[KeyRecord, list[KeyRecord]]:
         """Register keys (validated by the caller) and return the stored record and the records evicted for room.
 

@@ -60,12 +60,27 @@ class InMemoryKeyStore:
         return self._ttl
 
     def put(
-        self, *, tenant: str, model_name: str, model_version: str, relin: bytes, galois: bytes
+        self,
+        *,
+        tenant: str,
+        model_name: str,
+        model_version: str,
+        relin: bytes,
+        galois: bytes,
+        profile: str = "standard",
+        public_key: bytes = b"",
     ) -> tuple[KeyRecord, list[KeyRecord]]:
         """Register keys; see :meth:`gateway.keystore.base.KeyStore.put`."""
         # Hash outside the lock: tens of MB take a while, and hashlib releases the GIL meanwhile.
-        key_id = key_id_for(model_name=model_name, model_version=model_version, relin=relin, galois=galois)
-        size = len(relin) + len(galois)
+        key_id = key_id_for(
+            model_name=model_name,
+            model_version=model_version,
+            relin=relin,
+            galois=galois,
+            profile=profile,
+            public_key=public_key,
+        )
+        size = len(relin) + len(galois) + len(public_key)
         slot = (tenant, key_id)
         with self._changing() as (now, dropped):
             existing = self._records.get(slot)
@@ -84,8 +99,10 @@ class InMemoryKeyStore:
                 tenant=tenant,
                 model_name=model_name,
                 model_version=model_version,
+                profile=profile,
                 relin=relin,
                 galois=galois,
+                public_key=public_key,
                 created_at=now,
                 last_used_at=now,
             )

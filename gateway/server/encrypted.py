@@ -1,9 +1,13 @@
 """The ``hegate.v1.EncryptedInference`` servicer: specs, key registration, encrypted inference.
 
-Keys arrive in chunks (tens of MB; one message may not exceed the message limit), are checked by
-a worker (SEAL's validity checks, the model's parameters and rotation steps, no secret key), and
-only then stored in the registry under their content hash, bound to the caller's tenant. The
-registry's evictions, expiries and deletions reach the workers through a listener.
+A client names a CKKS profile when it asks for a spec (the default one when it names none) and
+again when it registers keys made from that spec: the key set is bound to the model, its
+version and the profile, and Infer evaluates under that profile's plan. Keys arrive in chunks
+(tens of MB; one message may not exceed the message limit), are checked by a worker (SEAL's
+validity checks, the model's parameters and rotation steps, no secret key, a public key exactly
+when the profile is circuit_private), and only then stored in the registry under their content
+hash, bound to the caller's tenant. The registry's evictions, expiries and deletions reach the
+workers through a listener.
 """
 
 from __future__ import annotations
@@ -14,12 +18,13 @@ import time
 
 from gateway.api import hegate_v1_pb2 as pb
 from gateway.api import hegate_v1_pb2_grpc as pb_grpc
+from gateway.he.plan import EncryptionSpec
 from gateway.keystore import DropReason, KeyRecord, KeyStore, key_id_for
 from gateway.server.auth import current_tenant
 from gateway.server.inference import observed
 from gateway.server.metrics import GatewayMetrics
 from gateway.server.rpc import rpc
-from gateway.server.serving import ModelStore
+from gateway.server.serving import ModelStore, ServedModel
 from gateway.workers.pool import StoredKeys, WorkerPool
 from models.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
 
@@ -32,8 +37,10 @@ def stored_keys(record: KeyRecord) -> StoredKeys:
         key_id=record.key_id,
         model=record.model_name,
         version=record.model_version,
+        profile=record.profile,
         relin=record.relin,
         galois=record.galois,
+        public_key=record.public_key,
     )
 
 
@@ -68,19 +75,27 @@ class EncryptedServicer(pb_grpc.EncryptedInferenceServicer):
                     encrypted=m.spec is not None,
                     lanes=m.spec.packing.lanes if m.spec else 0,
                     privacy=m.artifact.manifest.dp.label,
+                    profiles=list(self.store.profiles()) if m.spec else [],
                 )
                 for m in self.store.models()
             ]
         )
 
+    async def _encrypted(self, name: str, version: str, profile: str) -> tuple[ServedModel, EncryptionSpec]:
+        """The store's answer, from a thread when a profile's spec still has to be compiled (seconds)."""
+        if self.store.compiled(name, version, profile):
+            return self.store.encrypted(name, version, profile)
+        return await asyncio.to_thread(self.store.encrypted, name, version, profile)
+
     @rpc
     async def GetEncryptionSpec(self, request, context):
-        model = self.store.encrypted(request.model_name, request.model_version)
+        model, spec = await self._encrypted(request.model_name, request.model_version, request.profile)
         return pb.GetEncryptionSpecResponse(
             model_name=model.name,
             model_version=model.version,
-            spec_json=model.spec.model_dump_json(),
-            plan_version=model.spec.plan_version,
+            spec_json=spec.model_dump_json(),
+            plan_version=spec.plan_version,
+            profile=spec.precision,
         )
 
     async def _receive(self, chunks) -> tuple[pb.KeysHeader, bytes]:
@@ -114,24 +129,49 @@ class EncryptedServicer(pb_grpc.EncryptedInferenceServicer):
     @rpc
     async def RegisterKeys(self, request_iterator, context):
         header, data = await self._receive(request_iterator)
-        model = self.store.encrypted(header.model_name, header.model_version)
+        model, spec = await self._encrypted(header.model_name, header.model_version, header.profile)
+        profile = spec.precision
         key_format = FORMATS.get(header.format)
         if key_format is None:
             raise InvalidArgumentError("the key format must be KEY_FORMAT_SEAL or KEY_FORMAT_TENSEAL_CONTEXT")
         if key_format == "seal":
-            if header.relin_keys_bytes + header.galois_keys_bytes != header.total_bytes:
-                raise InvalidArgumentError("relin_keys_bytes + galois_keys_bytes must equal total_bytes")
-            relin, galois = data[: header.relin_keys_bytes], data[header.relin_keys_bytes :]
+            relin_end = header.relin_keys_bytes
+            galois_end = relin_end + header.galois_keys_bytes
+            if galois_end + header.public_key_bytes != header.total_bytes:
+                raise InvalidArgumentError(
+                    "relin_keys_bytes + galois_keys_bytes + public_key_bytes must equal total_bytes"
+                )
+            relin, galois, public = data[:relin_end], data[relin_end:galois_end], data[galois_end:]
         else:
-            relin, galois = await self.pool.read_context(model=model.name, version=model.version, context=data)
-        tenant = current_tenant()
-        key_id = key_id_for(model_name=model.name, model_version=model.version, relin=relin, galois=galois)
-        try:
-            record = self.keys.get(key_id, tenant=tenant)
-        except NotFoundError:
-            record = await self._register(
-                StoredKeys(key_id=key_id, model=model.name, version=model.version, relin=relin, galois=galois), tenant
+            relin, galois, public = await self.pool.read_context(
+                model=model.name, version=model.version, profile=profile, context=data
             )
+        if spec.circuit_privacy is not None and not public:
+            raise InvalidArgumentError(
+                f"the circuit_private profile needs the client's public key with its evaluation keys "
+                f"(public_key_bytes is 0): the server re-randomizes every result of {model.name} under it"
+            )
+        tenant = current_tenant()
+        stored = StoredKeys(
+            key_id=key_id_for(
+                model_name=model.name,
+                model_version=model.version,
+                relin=relin,
+                galois=galois,
+                profile=profile,
+                public_key=public,
+            ),
+            model=model.name,
+            version=model.version,
+            profile=profile,
+            relin=relin,
+            galois=galois,
+            public_key=public,
+        )
+        try:
+            record = self.keys.get(stored.key_id, tenant=tenant)
+        except NotFoundError:
+            record = await self._register(stored, tenant)
         return pb.RegisterKeysResponse(
             key_id=record.key_id, stored_bytes=record.size, ttl_seconds=getattr(self.keys, "ttl_seconds", 0.0)
         )
@@ -144,7 +184,13 @@ class EncryptedServicer(pb_grpc.EncryptedInferenceServicer):
             await self.pool.load_keys(keys)
         try:
             record, _ = self.keys.put(
-                tenant=tenant, model_name=keys.model, model_version=keys.version, relin=keys.relin, galois=keys.galois
+                tenant=tenant,
+                model_name=keys.model,
+                model_version=keys.version,
+                relin=keys.relin,
+                galois=keys.galois,
+                profile=keys.profile,
+                public_key=keys.public_key,
             )
         except ResourceExhaustedError:
             if not held:
@@ -162,7 +208,7 @@ class EncryptedServicer(pb_grpc.EncryptedInferenceServicer):
     @rpc
     async def Infer(self, request, context):
         started = time.monotonic()
-        model = self.store.encrypted(request.model_name, request.model_version)
+        model, _ = self.store.encrypted(request.model_name, request.model_version)  # the default: compiled at start
         with observed(self.metrics, model.name, "encrypted"):
             record = self.keys.get(request.key_id, tenant=current_tenant())
             if (record.model_name, record.model_version) != (model.name, model.version):
@@ -170,9 +216,10 @@ class EncryptedServicer(pb_grpc.EncryptedInferenceServicer):
                     f"key id {request.key_id} was registered for {record.model_name} version "
                     f"{record.model_version}, not {model.name} version {model.version}"
                 )
+            _, spec = self.store.encrypted(model.name, model.version, record.profile)  # compiled at registration
             count = request.count or 1
-            if count > model.spec.packing.lanes:
-                raise InvalidArgumentError(f"{model.name} packs at most {model.spec.packing.lanes} inputs, got {count}")
+            if count > spec.packing.lanes:
+                raise InvalidArgumentError(f"{model.name} packs at most {spec.packing.lanes} inputs, got {count}")
             if model.encrypted_inflight >= self.queue_limit:
                 raise ResourceExhaustedError(
                     f"{model.name} already has {self.queue_limit} encrypted requests queued or running; retry later"
@@ -184,6 +231,7 @@ class EncryptedServicer(pb_grpc.EncryptedInferenceServicer):
                 result = await self.pool.evaluate(
                     model=model.name,
                     version=model.version,
+                    profile=record.profile,
                     key_id=record.key_id,
                     ciphertext=request.ciphertext,
                     deadline=deadline,

@@ -1,7 +1,10 @@
 """The Open Inference Protocol (KServe V2) servicer: the plaintext path that stock clients use.
 
 It converts protobuf to arrays and back (:mod:`gateway.server.tensors`) and delegates to the
-:class:`~gateway.server.serving.ModelStore`; no model logic lives here.
+:class:`~gateway.server.serving.ModelStore`; no model logic lives here. A request may name its
+plaintext backend in the request parameter ``backend`` (a string: ``numba`` or ``onnxruntime``);
+without it the gateway's default serves it. A request that names one gets it echoed in the
+response's parameters.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from contextlib import contextmanager
 
 import grpc
 
+from gateway.api import BACKEND_PARAMETER
 from gateway.api import grpc_predict_v2_pb2 as pb
 from gateway.api import grpc_predict_v2_pb2_grpc as pb_grpc
 from gateway.server.metrics import GatewayMetrics
@@ -27,6 +31,20 @@ SERVER_NAME = "hegate"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["hegate.v1.EncryptedInference"]
 PLATFORM = "hegate_int8"
+
+
+def requested_backend(request: pb.ModelInferRequest) -> str:
+    """The request's ``backend`` parameter, or "" (the default backend).
+
+    Raises:
+        InvalidArgumentError: the parameter is not a string.
+    """
+    if BACKEND_PARAMETER not in request.parameters:
+        return ""
+    parameter = request.parameters[BACKEND_PARAMETER]
+    if parameter.WhichOneof("parameter_choice") != "string_param":
+        raise InvalidArgumentError("the request parameter 'backend' is a string: 'numba' or 'onnxruntime'")
+    return parameter.string_param
 
 
 @contextmanager
@@ -125,12 +143,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             wanted = [output.name for output in request.outputs]
             if any(name != manifest.output.name for name in wanted):
                 raise InvalidArgumentError(f"model {model.name!r} has one output, {manifest.output.name!r}")
-            logits = model.predict(inputs[manifest.input.name], max_batch=self.max_batch)
+            backend = requested_backend(request)
+            logits = model.predict(inputs[manifest.input.name], max_batch=self.max_batch, backend=backend)
             tensor, raw = output_tensor(manifest.output.name, logits)
-            return pb.ModelInferResponse(
+            response = pb.ModelInferResponse(
                 model_name=model.name,
                 model_version=model.version,
                 id=request.id,
                 outputs=[tensor],
                 raw_output_contents=[raw],
             )
+            if backend:
+                response.parameters[BACKEND_PARAMETER].string_param = backend
+            return response

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from gateway.he.params import Precision
+from gateway.he.params import Profile
 
 
 class _Message(BaseModel):
@@ -20,24 +20,28 @@ class _Message(BaseModel):
 
 
 class ModelRef(_Message):
-    """One model version that the workers serve on the encrypted path."""
+    """One model version that the workers serve on the encrypted path, under every profile:
+    ``preload`` are compiled when a worker starts, the others when keys for them first arrive."""
 
     name: str
     version: str
     onnx_path: Path
-    precision: Precision = "standard"
+    preload: list[Profile] = ["standard"]
 
 
 class LoadKeys(_Message):
-    """Deserialize, check and keep a client's evaluation keys (SEAL bytes) under ``key_id``."""
+    """Deserialize, check and keep a client's evaluation keys (SEAL bytes) for one model version
+    and profile under ``key_id``; the public key is the circuit_private profile's."""
 
     kind: Literal["load_keys"] = "load_keys"
     request_id: int
     key_id: str
     model: str
     version: str
+    profile: Profile
     relin: bytes
     galois: bytes
+    public_key: bytes = b""
 
 
 class ReadContext(_Message):
@@ -48,6 +52,7 @@ class ReadContext(_Message):
     request_id: int
     model: str
     version: str
+    profile: Profile
     context: bytes
 
 
@@ -68,6 +73,7 @@ class Evaluate(_Message):
     key_id: str
     model: str
     version: str
+    profile: Profile
     ciphertext: bytes
     sent_at: float
     deadline: float | None = None
@@ -89,6 +95,7 @@ class KeysLoaded(_Message):
     request_id: int
     relin: bytes = b""
     galois: bytes = b""
+    public_key: bytes = b""
 
 
 class Evaluated(_Message):

@@ -1,7 +1,8 @@
 """The pool of ``spawn`` workers: start them, route requests, watch them die, replace them.
 
-Every worker holds every encrypted model and a copy of every registered key, so any worker can
-serve any request and requests go to whichever has the fewest outstanding. Keys cross the
+Every worker holds every encrypted model (the default profile's plans from its start, another
+profile's from the first keys registered for it) and a copy of every registered key, so any
+worker can serve any request and requests go to whichever has the fewest outstanding. Keys cross the
 process boundary once per worker: when they are registered (checked by one worker, then
 copied to the others) and when a replacement worker starts (replayed from the registry).
 
@@ -22,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from gateway.he.params import Profile
 from gateway.workers import process
 from gateway.workers.messages import (
     DropKeys,
@@ -49,8 +51,10 @@ class StoredKeys:
     key_id: str
     model: str
     version: str
+    profile: Profile
     relin: bytes
     galois: bytes
+    public_key: bytes = b""
 
 
 @dataclass
@@ -157,18 +161,21 @@ class WorkerPool:
                 with contextlib.suppress(HegateError):  # if it dies, its own replacement replays the registry
                     await self._give_keys(worker, keys)
 
-    async def read_context(self, *, model: str, version: str, context: bytes) -> tuple[bytes, bytes]:
-        """The relinearization and Galois keys of a public TenSEAL context, as SEAL bytes.
+    async def read_context(
+        self, *, model: str, version: str, profile: Profile, context: bytes
+    ) -> tuple[bytes, bytes, bytes]:
+        """The relinearization, Galois and (circuit_private) public keys of a public TenSEAL
+        context, as SEAL bytes.
 
         Raises:
             InvalidArgumentError: not a context, one with a secret key, or other parameters.
         """
         loaded = await self._call(
             min(self._accepting(), key=lambda w: len(w.pending)),
-            lambda rid: ReadContext(request_id=rid, model=model, version=version, context=context),
+            lambda rid: ReadContext(request_id=rid, model=model, version=version, profile=profile, context=context),
         )
         assert isinstance(loaded, KeysLoaded)
-        return loaded.relin, loaded.galois
+        return loaded.relin, loaded.galois, loaded.public_key
 
     async def _give_keys(self, worker: _Worker, keys: StoredKeys) -> None:
         await self._call(
@@ -178,8 +185,10 @@ class WorkerPool:
                 key_id=keys.key_id,
                 model=keys.model,
                 version=keys.version,
+                profile=keys.profile,
                 relin=keys.relin,
                 galois=keys.galois,
+                public_key=keys.public_key,
             ),
         )
 
@@ -198,7 +207,7 @@ class WorkerPool:
             await self._send(worker, DropKeys(key_id=key_id))
 
     async def evaluate(
-        self, *, model: str, version: str, key_id: str, ciphertext: bytes, deadline: float | None
+        self, *, model: str, version: str, profile: Profile, key_id: str, ciphertext: bytes, deadline: float | None
     ) -> Evaluated:
         """Evaluate on the least busy worker.
 
@@ -217,6 +226,7 @@ class WorkerPool:
                 key_id=key_id,
                 model=model,
                 version=version,
+                profile=profile,
                 ciphertext=ciphertext,
                 sent_at=time.monotonic(),
                 deadline=deadline,
