@@ -368,7 +368,7 @@ def measure_encrypted(
         per_call = 2 * (time.perf_counter() - timed) / len(batches)
         logits = np.concatenate([p.logits for p in predictions])  # rounded to the grid, as the SDK returns them
         classes = np.concatenate([p.classes for p in predictions])
-        correct = int(np.sum(classes == data.test.y[chosen]))  # taken before rounding: a tie of rounded logits is no tie
+        correct = int(np.sum(classes == data.test.y[chosen]))  # classes from before rounding: no ties
         low, high = wilson_interval(correct, len(chosen))
         error = float(np.abs(logits - _exact(onnx_path).evaluate(x[chosen])).max())
         calls = max(budget.encrypted_calls, math.ceil(budget.seconds / per_call))
