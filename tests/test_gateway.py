@@ -394,8 +394,9 @@ def test_list_models_carries_the_manifests_dp_record_and_encryption(gateway, cli
     privacy = {m.name: m.privacy for m in stub.ListModels(hv1.ListModelsRequest(), timeout=TIMEOUT).models}
     assert privacy[MNIST] == _manifest(MNIST).dp.label and privacy[MNIST].startswith("epsilon: 2.99")
     # the one-run audit's empirical epsilon travels with the manifest, where one was recorded
-    assert infos[CANCER].manifest.audit == AUDIT and infos[MNIST].manifest.audit is None
-    assert raw[CANCER]["audit"]["epsilon_lower_bound"] == 0.25 and raw[MNIST]["audit"] is None
+    assert infos[CANCER].manifest.audit == AUDIT and infos[MNIST].manifest.audit == _manifest(MNIST).audit
+    assert raw[CANCER]["audit"]["epsilon_lower_bound"] == 0.25
+    assert raw[MNIST]["audit"]["epsilon_lower_bound"] == _manifest(MNIST).audit.epsilon_lower_bound
 
 
 @pytest.mark.parametrize("port", ["grpc.aio", "fast path"])
