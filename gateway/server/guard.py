@@ -1,0 +1,146 @@
+"""The grpc.aio port's edge: the key check before any work, calls per peer, and the server options.
+
+grpc.aio runs gRPC's C-core, which owns the sockets and the HTTP/2 framing; what Python can add
+is its channel arguments (:func:`server_options`) and an interceptor (:class:`EdgeInterceptor`):
+
+- **The key check before the message is read.** The interceptor sees a call's method and
+  metadata when it is matched, before its message is read. A refused call gets a handler that
+  takes the request as a stream and never reads it (grpc.aio reads a unary request before calling
+  its handler), so UNAUTHENTICATED goes out at once and C-core drops the body with the stream.
+- **Calls per peer.** At most ``max_peer_calls`` calls of one peer address (an IPv4 address or
+  an IPv6 /64) are in flight at once; they count until the call is done, a reply waiting for the
+  client's flow-control window included, so a peer that never reads its replies runs into its
+  own limit and nobody else's. Above it: RESOURCE_EXHAUSTED. ``max_calls`` bounds all peers.
+- **The tenant** is bound in the handler's own context, so no servicer sees a call unchecked.
+- **Drain on stop.** C-core cancels calls that reached it but were not yet matched to the
+  application when the server shuts down, and grpc.aio matches them one at a time: 15 of 16
+  encrypted calls sent as SIGTERM arrived were CANCELLED before this (issue 14). :meth:`drain`
+  keeps serving until no call has been matched for ``DRAIN_QUIET_SECONDS`` (at most
+  ``DRAIN_LIMIT_SECONDS``, and half the grace), so the calls that had arrived are all matched
+  and get the grace to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from urllib.parse import unquote
+
+import grpc
+
+from gateway.fastpath.edge import peer_key
+from gateway.server.auth import Tenants, bind_tenant
+from gateway.server.ratelog import RateLimitedLog
+from gateway.settings import EdgeLimits
+from models.errors import UnauthenticatedError
+
+logger = logging.getLogger(__name__)
+refusals = RateLimitedLog(logger, per_second=1.0, burst=10)
+
+KEEPALIVE_SECONDS = 300  # the server pings an idle connection this often, to find dead peers
+KEEPALIVE_TIMEOUT_SECONDS = 20
+MIN_CLIENT_PING_SECONDS = 300  # C-core's default, stated: a client pinging more often without calls...
+PING_STRIKES = 2  # ...gets this many strikes, then GOAWAY ENHANCE_YOUR_CALM ("too_many_pings")
+DRAIN_QUIET_SECONDS = 0.05
+DRAIN_LIMIT_SECONDS = 1.0
+
+
+def server_options(limits: EdgeLimits, max_message_bytes: int) -> list[tuple[str, int]]:
+    """C-core's channel arguments for the grpc.aio port, from the gateway's edge limits."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),  # a second gateway on the same port must fail, not share it
+        ("grpc.max_concurrent_streams", limits.max_concurrent_streams),
+        ("grpc.max_metadata_size", limits.max_header_bytes),
+        ("grpc.max_allowed_incoming_connections", limits.max_connections),
+        ("grpc.max_connection_idle_ms", int(limits.idle_seconds * 1000)),
+        ("grpc.max_connection_age_ms", int(limits.connection_age_seconds * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(limits.request_seconds * 1000)),
+        ("grpc.keepalive_time_ms", KEEPALIVE_SECONDS * 1000),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_SECONDS * 1000),
+        ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_SECONDS * 1000),
+        ("grpc.http2.max_ping_strikes", PING_STRIKES),
+    ]
+
+
+def grpc_peer_key(peer: str) -> str:
+    """The peer of a grpc.aio ``context.peer()`` string (``ipv4:1.2.3.4:5``, ``ipv6:%5B::1%5D:5``)."""
+    kind, _, rest = unquote(peer).partition(":")
+    host = rest.rpartition(":")[0].strip("[]") if kind in ("ipv4", "ipv6") else rest
+    return peer_key((host,))
+
+
+class EdgeInterceptor(grpc.aio.ServerInterceptor):
+    """The key check, the tenant and the calls-per-peer limit for every call of the grpc.aio port."""
+
+    def __init__(self, tenants: Tenants, limits: EdgeLimits) -> None:
+        self._tenants = tenants
+        self._max_peer_calls = limits.max_peer_calls
+        self._calls: Counter[str] = Counter()  # calls in flight per peer
+        self._loop = asyncio.get_running_loop()
+        self.last_call = self._loop.time()
+
+    async def intercept_service(self, continuation, handler_call_details):
+        self.last_call = self._loop.time()
+        try:
+            tenant = self._tenants.authenticate(handler_call_details.method, handler_call_details.invocation_metadata)
+        except UnauthenticatedError as exc:
+            handler = await continuation(handler_call_details)
+            refusals.info("grpc.aio: %s refused: %s", handler_call_details.method, exc)
+            return None if handler is None else _unread_refusal(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        return self._guarded(handler, tenant)
+
+    def _enter(self, context) -> bool:
+        """Count a call against its peer's limit until it is done; False when the peer is full."""
+        peer = grpc_peer_key(context.peer())
+        if self._calls[peer] >= self._max_peer_calls:
+            refusals.info("grpc.aio: %s has %d calls in flight; refusing more", peer, self._calls[peer])
+            return False
+        self._calls[peer] += 1
+        context.add_done_callback(lambda _: self._leave(peer))
+        return True
+
+    def _leave(self, peer: str) -> None:
+        self._calls[peer] -= 1
+        if self._calls[peer] <= 0:
+            del self._calls[peer]
+
+    def _guarded(self, handler: grpc.RpcMethodHandler, tenant: str | None) -> grpc.RpcMethodHandler:
+        busy = f"more than {self._max_peer_calls} calls in flight from this address; retry when they finish"
+
+        def wrap(behaviour):
+            async def guarded(request, context):
+                if not self._enter(context):
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, busy)
+                if tenant is not None:
+                    bind_tenant(tenant)
+                return await behaviour(request, context)
+
+            return guarded
+
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=wrap(handler.unary_unary))
+        if handler.stream_unary is not None:
+            return handler._replace(stream_unary=wrap(handler.stream_unary))
+        return handler  # streaming replies: open services only (reflection)
+
+    async def drain(self, limit: float) -> None:
+        """Keep matching calls until none has arrived for a moment, at most ``limit`` seconds."""
+        deadline = self._loop.time() + min(limit, DRAIN_LIMIT_SECONDS)
+        while self._loop.time() < deadline and self._loop.time() - self.last_call < DRAIN_QUIET_SECONDS:
+            await asyncio.sleep(DRAIN_QUIET_SECONDS / 4)
+
+
+def _unread_refusal(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """A handler that refuses without reading the request, whatever the method's shape."""
+
+    async def refuse(request_iterator, context):
+        await context.abort(code, message)
+
+    return grpc.stream_unary_rpc_method_handler(refuse)
