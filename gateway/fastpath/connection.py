@@ -166,6 +166,8 @@ class Http2Connection(asyncio.Protocol):
         self._held = 0  # bytes this connection's streams hold against the budgets
         self._going_away = False
         self._write_paused = False
+        self._begun = False  # our SETTINGS are out (after the TLS handshake, with TLS)
+        self._early: list[bytes] = []
         self._queued = 0  # reply bytes put in the batch being built, not yet written
         self._registered = False
         self._watchdog: asyncio.TimerHandle | None = None
@@ -231,6 +233,10 @@ class Http2Connection(asyncio.Protocol):
             Setting.MAX_HEADER_LIST_SIZE: self._limits.max_header_bytes,
         }
         transport.write(settings_frame(settings) + window_update(0, CONNECTION_WINDOW - DEFAULT_WINDOW))
+        self._begun = True
+        early, self._early = self._early, []
+        if early:  # what TLS delivered before start_tls returned its transport
+            self.data_received(b"".join(early))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._gone()
@@ -265,6 +271,9 @@ class Http2Connection(asyncio.Protocol):
             self._write(out)
 
     def data_received(self, data: bytes) -> None:
+        if not self._begun:
+            self._early.append(data)
+            return
         out: list[bytes] = []
         self._now = self._loop.time()
         try:
