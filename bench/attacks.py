@@ -51,7 +51,9 @@ class Closed(Exception):
 class Wire:
     """One attacking connection: an ``h2`` client on a socket (TLS if the target says so)."""
 
-    def __init__(self, target: Target, stats: Counter, settings: dict | None = None, *, raw: bool = False) -> None:
+    def __init__(
+        self, target: Target, stats: Counter, settings: dict | None = None, *, behind_h2: bool = False
+    ) -> None:
         import h2.config
         import h2.connection
 
@@ -78,10 +80,11 @@ class Wire:
             raise Closed(str(exc)) from None
         stats["connections_opened"] += 1
         self.target = target
-        self.raw = raw  # streams opened behind h2's back: decode with hyperframe only
+        self.raw = behind_h2  # streams opened behind h2's back: decode with hyperframe only
         self.closed = False
         self.next_stream = 1
         self.answers: dict[int, str] = {}  # stream -> grpc-status, or "reset:<code>"
+        self._status: dict[int, str] = {}  # grpc-status (or :status) of the last header block per stream
 
     def send(self, raw: bytes = b"") -> None:
         try:
@@ -122,12 +125,11 @@ class Wire:
                     self.stats[f"goaway {_code_name(event.error_code)}"] += 1
                     self.close()  # h2 refuses any frame after GOAWAY, which RFC 9113 allows a server
                     raise Closed("GOAWAY")
-                elif isinstance(event, h2.events.TrailersReceived):
-                    status = dict(event.headers).get("grpc-status", "?")
-                    self.answers[event.stream_id] = status
-                    self.stats[f"grpc-status {status}"] += 1
-                elif isinstance(event, h2.events.ResponseReceived) and event.stream_ended:
-                    status = dict(event.headers).get("grpc-status", dict(event.headers).get(":status"))
+                elif isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                    headers = dict(event.headers)
+                    self._status[event.stream_id] = headers.get("grpc-status", headers.get(":status", "?"))
+                elif isinstance(event, h2.events.StreamEnded):
+                    status = self._status.pop(event.stream_id, "?")
                     self.answers[event.stream_id] = status
                     self.stats[f"grpc-status {status}"] += 1
                 elif isinstance(event, h2.events.StreamReset):
@@ -294,7 +296,7 @@ def continuation_flood(target: Target, deadline: float, stats: Counter) -> None:
             return start.serialize() + ContinuationFrame(1001, data=b"").serialize() * 999
         return ContinuationFrame(1001, data=b"").serialize() * 1000
 
-    _reconnecting(target, deadline, stats, _flood(frames, stats, "CONTINUATION", deadline), raw=True)
+    _reconnecting(target, deadline, stats, _flood(frames, stats, "CONTINUATION", deadline), behind_h2=True)
 
 
 def rapid_reset(target: Target, deadline: float, stats: Counter) -> None:

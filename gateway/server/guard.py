@@ -9,12 +9,13 @@ is its channel arguments (:func:`server_options`) and an interceptor (:class:`Ed
   its handler), so UNAUTHENTICATED goes out at once and C-core drops the body with the stream.
 - **Calls and bytes per peer.** At most ``max_peer_calls`` calls of one peer address (an IPv4
   address or an IPv6 /64) are in flight at once, holding at most ``peer_buffer_bytes`` of request
-  messages (``total_buffer_bytes`` for all peers). They count until the call is done, a reply
-  waiting for the client's flow-control window included: grpc.aio keeps a unary call's request
-  referenced until its reply has been sent, so a client that set its window to 0 pinned every
-  request it sent (+348 MB of RSS in 3 s from 4 connections before this). A peer that never reads
-  its replies runs into its own limits and nobody else's. Above them: RESOURCE_EXHAUSTED, and the
-  refused call's request is released at once. ``max_calls`` bounds all peers' calls.
+  messages while their handlers run (``total_buffer_bytes`` for all peers). Calls count until
+  they are done, a reply waiting for the client's flow-control window included, so a peer that
+  never reads its replies runs into its own limit and nobody else's. grpc.aio reads a unary
+  request before its handler and keeps it referenced until the reply has been sent: a client that
+  set its window to 0 pinned every request it sent (+348 MB of RSS in 3 s from 4 connections,
+  measured with ``bench/attacks.py``). So unary methods are served as request streams read here,
+  after the limits allow it. Above them: RESOURCE_EXHAUSTED. ``max_calls`` bounds all peers' calls.
 - **The tenant** is bound in the handler's own context, so no servicer sees a call unchecked.
 - **Drain on stop.** C-core cancels calls that reached it but were not yet matched to the
   application when the server shuts down, and grpc.aio matches them one at a time: 15 of 16
@@ -102,47 +103,83 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             return None
         return self._guarded(handler, tenant)
 
-    def _enter(self, context, size: int) -> str | None:
-        """Count a call of ``size`` request bytes against its peer's limits until it is done; or
-        the reason it is refused."""
+    def _enter(self, context) -> str | None:
+        """Count a call against its peer's limit until it is done; or the reason it is refused
+        (the peer is at its call limit, or already holds its whole byte budget)."""
         peer = grpc_peer_key(context.peer())
         limits = self._limits
         if self._calls[peer] >= limits.max_peer_calls:
             refusal = f"{self._calls[peer]} calls in flight from this address"
-        elif self._bytes[peer] + size > limits.peer_buffer_bytes:
+        elif self._bytes[peer] >= limits.peer_buffer_bytes:
             refusal = f"this address already holds {self._bytes[peer]} bytes of calls"
-        elif self.held + size > limits.total_buffer_bytes:
-            refusal = f"the gateway already holds {self.held} bytes of calls"
         else:
             self._calls[peer] += 1
-            self._bytes[peer] += size
-            self.held += size
-            context.add_done_callback(lambda _: self._leave(peer, size))
+            context.add_done_callback(lambda _: self._leave(peer))
             return None
         refusals.info("grpc.aio: refusing a call from %s: %s", peer, refusal)
         return f"{refusal}; retry when they finish"
 
-    def _leave(self, peer: str, size: int) -> None:
-        self._calls[peer] -= 1
+    def _hold(self, context, size: int) -> str | None:
+        peer = grpc_peer_key(context.peer())
+        if self._bytes[peer] + size > self._limits.peer_buffer_bytes:
+            refusal = f"this address already holds {self._bytes[peer]} bytes of calls"
+        elif self.held + size > self._limits.total_buffer_bytes:
+            refusal = f"the gateway already holds {self.held} bytes of calls"
+        else:
+            self._bytes[peer] += size
+            self.held += size
+            return None
+        refusals.info("grpc.aio: refusing a call from %s: %s", peer, refusal)
+        return f"{refusal}; retry when they finish"
+
+    def _release(self, context, size: int) -> None:
+        peer = grpc_peer_key(context.peer())
         self._bytes[peer] -= size
         self.held -= size
+        if self._bytes[peer] <= 0:
+            del self._bytes[peer]
+
+    def _leave(self, peer: str) -> None:
+        self._calls[peer] -= 1
         if self._calls[peer] <= 0:
-            del self._calls[peer], self._bytes[peer]
+            del self._calls[peer]
 
     def _guarded(self, handler: grpc.RpcMethodHandler, tenant: str | None) -> grpc.RpcMethodHandler:
+        """The handler, behind the limits. A unary method is served as a request stream that is
+        read only once the peer's limits allow it: grpc.aio reads a unary request before its
+        handler runs and keeps it referenced until the reply has been sent, and that is how a
+        client with a window of 0 pinned every request it sent. Read here, the request lives only
+        while the handler runs, and its bytes count only then; the call counts until it is done."""
+
         def wrap(behaviour, unary: bool):
-            async def guarded(request, context):
-                refusal = self._enter(context, request.ByteSize() if unary else 0)
+            async def guarded(request_iterator, context):
+                refusal = self._enter(context)
                 if refusal is not None:
                     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
                 if tenant is not None:
                     bind_tenant(tenant)
-                return await behaviour(request, context)
+                if not unary:
+                    return await behaviour(request_iterator, context)
+                request = await anext(aiter(request_iterator), None)
+                if request is None:
+                    await context.abort(grpc.StatusCode.INTERNAL, "a unary call without its request message")
+                size = request.ByteSize()
+                refusal = self._hold(context, size)
+                if refusal is not None:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+                try:
+                    return await behaviour(request, context)
+                finally:
+                    self._release(context, size)
 
             return guarded
 
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=wrap(handler.unary_unary, True))
+            return grpc.stream_unary_rpc_method_handler(
+                wrap(handler.unary_unary, True),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
         if handler.stream_unary is not None:
             return handler._replace(stream_unary=wrap(handler.stream_unary, False))
         return handler  # streaming replies: open services only (reflection)
