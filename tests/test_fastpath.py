@@ -799,3 +799,102 @@ def test_a_connection_is_closed_only_when_its_transport_is_gone():
         return [*seen, connection.closed.is_set()]
 
     assert asyncio.run(run()) == [True, False, True]
+
+
+# -- issue 14: the hardened edge ----------------------------------------------------------------
+
+
+def _echo_call(peer: Peer, stream: int, *, extra=()) -> None:
+    body = oip.ModelInferRequest(id="echo").SerializeToString()
+    peer.send(
+        peer.headers(stream, extra=extra) + frame(Frame.DATA, Flag.END_STREAM, stream, message_prefix(len(body)) + body)
+    )
+
+
+def test_a_zero_grpc_timeout_is_deadline_exceeded(peer):
+    _echo_call(peer.start(), 1, extra=[("grpc-timeout", "0n")])
+    assert status_of(peer, 1)[0] == code(grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+@pytest.mark.parametrize(
+    "header", [("x-note", "a\x00b"), ("x-note", "a\rb"), ("x-note", "a\nb"), ("X-Note", "a"), ("te", "gzip")]
+)
+def test_malformed_headers_reset_the_stream_with_protocol_error(peer, header):
+    _echo_call(peer.start(), 1, extra=[header])
+    _, payload = peer.wait_for(Frame.RST_STREAM, stream=1)
+    assert ErrorCode(int.from_bytes(payload, "big")) == ErrorCode.PROTOCOL_ERROR
+    _echo_call(peer, 3)  # the connection lives on
+    assert status_of(peer, 3) == ("0", "")
+
+
+def test_enable_push_other_than_0_or_1_ends_the_connection(peer):
+    peer.start().send(frame(Frame.SETTINGS, 0, 0, struct.pack(">HI", 2, 2)))
+    assert peer.goaway_code() == ErrorCode.PROTOCOL_ERROR
+
+
+def test_the_key_is_checked_on_headers_before_any_body_is_held(behaviour):
+    with server_and_peer(behaviour, api_keys={"k1": "alice"}) as (server, peer):
+        peer.send(peer.headers(1, extra=[("x-api-key", "wrong")]) + frame(Frame.DATA, 0, 1, message_prefix(1 << 20)))
+        status, message = status_of(peer, 1)  # answered while the body is still "arriving"
+        assert status == code(grpc.StatusCode.UNAUTHENTICATED) and "unknown API key" in message
+        peer.wait_for(Frame.RST_STREAM, stream=1)
+        assert server.call(_held(server)) == 0 and behaviour.tenants == []
+        _echo_call(peer, 3, extra=[("x-api-key", " k1 ")])  # trimmed
+        assert status_of(peer, 3) == ("0", "")
+
+
+def test_a_header_block_of_too_many_continuation_frames_is_cut_off(peer):
+    empty = frame(Frame.CONTINUATION, 0, 1, b"")
+    peer.start().send(frame(Frame.HEADERS, 0, 1, b"\x83") + empty * 5)
+    assert peer.goaway_code() == ErrorCode.ENHANCE_YOUR_CALM
+
+
+@pytest.mark.parametrize(
+    ("kind", "payload"),
+    [(Frame.PING, b"12345678"), (Frame.PRIORITY, b"\x00\x00\x00\x00\x10"), (Frame.WINDOW_UPDATE, b"\x00\x00\x00\x01")],
+)
+def test_control_frame_floods_get_enhance_your_calm_and_the_address_a_penalty(behaviour, kind, payload):
+    with server_and_peer(behaviour, penalty_seconds=30) as (server, peer):
+        stream = 3 if kind == Frame.PRIORITY else 0
+        peer.send(frame(kind, 0, stream, payload) * 2000)
+        assert peer.goaway_code() == ErrorCode.ENHANCE_YOUR_CALM
+        again = Peer(server.port)  # the same address, refused before anything is said
+        assert again.socket.recv(100) == b""
+        again.close()
+        assert_serving(server)  # 127.0.0.1 is another peer
+
+
+def test_control_frames_are_not_progress_an_idle_connection_closes_anyway(behaviour):
+    with server_and_peer(behaviour, idle_seconds=0.6) as (_, peer):
+        started = time.monotonic()
+        with contextlib.suppress(OSError):
+            for _ in range(30):  # a PING every 0.1 s (within the PING budget), which used to keep it open
+                peer.send(frame(Frame.PING, 0, 0, b"12345678"))
+                time.sleep(0.1)
+        closed = time.monotonic() - started
+        _, payload = peer.wait_for(Frame.GOAWAY)
+        assert b"idle" in payload and closed < 2.0
+
+
+def test_a_reply_blocked_by_a_zero_window_is_released_after_the_request_time(behaviour):
+    with server_and_peer(behaviour, request_seconds=0.5) as (server, peer):
+        peer.send(frame(Frame.SETTINGS, 0, 0, struct.pack(">HI", 4, 0)))
+        body = oip.ModelInferRequest(id="big:200000").SerializeToString()
+        peer.send(peer.headers(1) + frame(Frame.DATA, Flag.END_STREAM, 1, message_prefix(len(body)) + body))
+        peer.wait_for(Frame.HEADERS, stream=1)  # the reply started: headers are not flow-controlled
+        assert server.call(_held(server)) > 200_000  # its DATA waits, counted
+        _, payload = peer.wait_for(Frame.RST_STREAM, stream=1)
+        assert ErrorCode(int.from_bytes(payload, "big")) == ErrorCode.CANCEL
+        assert server.call(_held(server)) == 0
+
+
+def test_one_address_cannot_take_every_connection(behaviour):
+    server = Running(behaviour, max_connections=10, max_peer_connections=2)
+    peers = [Peer(server.port).start() for _ in range(2)]
+    try:
+        assert Peer(server.port).goaway_code() == ErrorCode.ENHANCE_YOUR_CALM  # a third from 127.0.0.2
+        assert_serving(server)  # 127.0.0.1 still gets in
+    finally:
+        for peer in peers:
+            peer.close()
+        server.stop()

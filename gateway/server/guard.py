@@ -160,7 +160,10 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                     bind_tenant(tenant)
                 if not unary:
                     return await behaviour(request_iterator, context)
-                request = await anext(aiter(request_iterator), None)
+                messages = aiter(request_iterator)
+                request = await anext(messages, None)
+                if hasattr(messages, "aclose"):  # grpc.aio's receiver keeps the last message's bytes
+                    await messages.aclose()
                 if request is None:
                     await context.abort(grpc.StatusCode.INTERNAL, "a unary call without its request message")
                 size = request.ByteSize()
