@@ -20,9 +20,9 @@ is its channel arguments (:func:`server_options`) and an interceptor (:class:`Ed
 - **Drain on stop.** C-core cancels calls that reached it but were not yet matched to the
   application when the server shuts down, and grpc.aio matches them one at a time: 15 of 16
   encrypted calls sent as SIGTERM arrived were CANCELLED before this (issue 14). :meth:`drain`
-  keeps serving until no call has been matched for ``DRAIN_QUIET_SECONDS`` (at most
-  ``DRAIN_LIMIT_SECONDS``, and half the grace), so the calls that had arrived are all matched
-  and get the grace to finish.
+  keeps serving for ``DRAIN_MIN_SECONDS`` and then until no call has been matched for
+  ``DRAIN_QUIET_SECONDS`` (at most ``DRAIN_LIMIT_SECONDS``, and half the grace), so the calls that
+  had arrived are all matched and get the rest of the grace to finish.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ KEEPALIVE_SECONDS = 300  # the server pings an idle connection this often, to fi
 KEEPALIVE_TIMEOUT_SECONDS = 20
 MIN_CLIENT_PING_SECONDS = 300  # C-core's default, stated: a client pinging more often without calls...
 PING_STRIKES = 2  # ...gets this many strikes, then GOAWAY ENHANCE_YOUR_CALM ("too_many_pings")
+DRAIN_MIN_SECONDS = 0.25  # calls already sent when SIGTERM came are matched well within this
 DRAIN_QUIET_SECONDS = 0.05
 DRAIN_LIMIT_SECONDS = 1.0
 
@@ -188,9 +189,13 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         return handler  # streaming replies: open services only (reflection)
 
     async def drain(self, limit: float) -> None:
-        """Keep matching calls until none has arrived for a moment, at most ``limit`` seconds."""
-        deadline = self._loop.time() + min(limit, DRAIN_LIMIT_SECONDS)
-        while self._loop.time() < deadline and self._loop.time() - self.last_call < DRAIN_QUIET_SECONDS:
+        """Keep matching calls for ``DRAIN_MIN_SECONDS``, then until none has arrived for
+        ``DRAIN_QUIET_SECONDS``; at most ``limit`` seconds (and ``DRAIN_LIMIT_SECONDS``)."""
+        started = self._loop.time()
+        deadline = started + min(limit, DRAIN_LIMIT_SECONDS)
+        while self._loop.time() < deadline and (
+            self._loop.time() - started < DRAIN_MIN_SECONDS or self._loop.time() - self.last_call < DRAIN_QUIET_SECONDS
+        ):
             await asyncio.sleep(DRAIN_QUIET_SECONDS / 4)
 
 
