@@ -34,6 +34,7 @@ import hpack
 
 from gateway.fastpath.edge import (
     CONTINUATIONS_PER_BLOCK,
+    TARPIT_SECONDS,
     WINDOW_UPDATE_CREDIT,
     Edge,
     FrameBudgets,
@@ -184,11 +185,15 @@ class Http2Connection(asyncio.Protocol):
         refusal = self._edge.admit(self, self._peer)
         if refusal is not None:
             self._transport = transport
+            if refusal == "penalty" and self._edge.tarpit(self._peer):
+                transport.pause_reading()  # a peer cut off for abuse: not read, closed in a while
+                self._loop.call_later(TARPIT_SECONDS, self._untarpit, transport)
+                return
             if refusal != "penalty" and self._tls is None:
                 transport.write(goaway(0, ErrorCode.ENHANCE_YOUR_CALM, refusal))
                 transport.close()
             else:
-                transport.abort()  # a peer cut off for abuse, or TLS not yet spoken: no answer
+                transport.abort()  # TLS not yet spoken, or the tarpit is full: no answer
             self.closed.set()
             return
         self._registered = True
@@ -202,6 +207,11 @@ class Http2Connection(asyncio.Protocol):
             self._transport = transport
             transport.pause_reading()  # the ClientHello waits for start_tls
             self._handshaking = self._loop.create_task(self._handshake(transport))
+
+    def _untarpit(self, transport: asyncio.Transport) -> None:
+        transport.abort()
+        self._edge.untarpit(self._peer)
+        self.closed.set()
 
     async def _handshake(self, transport: asyncio.Transport) -> None:
         """TLS after the peer was admitted, so a refused or penalized peer costs no handshake."""

@@ -7,7 +7,10 @@ IPv4-mapped IPv6 address is its IPv4 address). Each peer may hold ``max_peer_con
 that all connections may hold (request bytes until their message is whole, reply bytes that wait
 for the client's flow-control window), so one peer at its limits leaves the rest to others. A peer
 whose connection was ended with ENHANCE_YOUR_CALM is refused for ``penalty_seconds``: its new
-connections are closed before TLS or HTTP/2 cost anything, so reconnecting does not renew a flood.
+connections are not read at all (before TLS or HTTP/2 cost anything) and closed after
+``TARPIT_SECONDS``, up to ``max_peer_connections`` of them at a time (beyond, at once). Closing
+them at once let a reconnecting attacker come back ~750 times a second, each accept costing the
+event loop; held unread, each of its connections stalls it for a second instead.
 
 Control frames. A frame that asks for work but carries no request costs the event loop about a
 microsecond; without a budget one connection sent 8.5 million empty CONTINUATION frames and held
@@ -49,6 +52,7 @@ from gateway.server.auth import Tenants
 from gateway.settings import EdgeLimits
 
 CONTINUATIONS_PER_BLOCK = 4
+TARPIT_SECONDS = 1.0
 PEER_TABLE_SWEEP = 4096  # above this many remembered peers, forget those with nothing left to remember
 
 
@@ -135,6 +139,7 @@ class Peer:
     connections: int = 0
     held: int = 0  # buffered bytes of all its connections
     penalty_until: float = 0.0
+    tarpit: int = 0  # refused connections held unread
 
 
 @dataclass
@@ -176,6 +181,20 @@ class Edge:
             peer.connections -= 1
             self._forget_if_idle(key, peer, time.monotonic())
 
+    def tarpit(self, key: str) -> bool:
+        """Whether a penalized peer's refused connection may be held unread (else: close it now)."""
+        peer = self.peers.get(key)
+        if peer is None or peer.tarpit >= self.limits.max_peer_connections:
+            return False
+        peer.tarpit += 1
+        return True
+
+    def untarpit(self, key: str) -> None:
+        peer = self.peers.get(key)
+        if peer is not None:
+            peer.tarpit -= 1
+            self._forget_if_idle(key, peer, time.monotonic())
+
     def penalize(self, key: str) -> None:
         """Refuse the peer's new connections for ``penalty_seconds``."""
         if self.limits.penalty_seconds > 0:
@@ -203,7 +222,7 @@ class Edge:
             self.held -= size
 
     def _forget_if_idle(self, key: str, peer: Peer, now: float) -> None:
-        if peer.connections <= 0 and peer.held <= 0 and peer.penalty_until <= now:
+        if peer.connections <= 0 and peer.held <= 0 and peer.tarpit <= 0 and peer.penalty_until <= now:
             del self.peers[key]
 
     def _sweep(self, now: float) -> None:
