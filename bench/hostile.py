@@ -17,8 +17,9 @@ need calls the gateway accepts (window-zero and huge-shape: a hostile tenant).
 Targets (issue 14): RSS growth <= 128 MiB under any attack; each client's p50 <= 3x its idle
 p50, with no errors. And the gateway's own fast-path throughput at 32 in flight within 5% of
 ``--baseline``'s (default ``main``): two gateways without keys, one from this checkout and one from
-``git archive <baseline>`` (nothing of the repository is changed), loaded in alternating windows
-like ``bench peer``, because this machine's speed drifts between runs.
+``git archive <baseline>`` (nothing of the repository is changed), each serving its own bundled
+copy of the model, loaded in alternating windows like ``bench peer``, because this machine's speed
+drifts between runs.
 
 Results go to ``bench/results/hostile.{json,md}``.
 """
@@ -170,6 +171,10 @@ def baseline_checkout(reference: str, root: Path) -> Path:
 def throughput(repository: Path, root: Path, reference: str, durations: Durations) -> dict:
     """This checkout's fast path against ``reference``'s at 32 in flight, alternating windows."""
     folder = baseline_checkout(reference, root)
+    git = ["git", "-C", str(REPOSITORY_ROOT), "rev-parse", "--short", reference]
+    commit = subprocess.run(git, check=True, capture_output=True, text=True).stdout.strip()
+    # each checkout serves its own bundled copy of the model (their manifests' schemas may differ)
+    theirs_repository = repository_with([MODEL], root / "baseline-models", source=folder / "models" / "bundled")
     environments = {
         "this": {**os.environ, "PYTHONPATH": str(REPOSITORY_ROOT)},
         reference: {**os.environ, "PYTHONPATH": str(folder)},
@@ -177,7 +182,7 @@ def throughput(repository: Path, root: Path, reference: str, durations: Duration
     windows: dict[str, list[float]] = {name: [] for name in environments}
     with (
         Server(repository, 1, root / "this.log", env=environments["this"]) as ours,
-        Server(repository, 1, root / "baseline.log", env=environments[reference]) as theirs,
+        Server(theirs_repository, 1, root / "baseline.log", env=environments[reference]) as theirs,
     ):
         requests = _requests(ours.target, None)
         sides = {"this": ours, reference: theirs}
@@ -198,6 +203,7 @@ def throughput(repository: Path, root: Path, reference: str, durations: Duration
     mean = {name: sum(values) / len(values) for name, values in windows.items()}
     return {
         "baseline": reference,
+        "baseline_commit": commit,
         "windows_requests_per_second": windows,
         "requests_per_second": {name: round(value, 1) for name, value in mean.items()},
         "throughput_ratio": round(mean["this"] / mean[reference], 3),
@@ -263,7 +269,8 @@ def markdown(result: dict) -> str:
         lines += [
             "",
             f"Fast-path throughput at 32 in flight (1 generator, no keys), this checkout against `{t['baseline']}` "
-            f"(`git archive`), alternating windows of {d['throughput_seconds']} s: "
+            f"({t.get('baseline_commit', '?')}, `git archive`, serving its own bundled copy of {MODEL}), "
+            f"alternating windows of {d['throughput_seconds']} s: "
             + ", ".join(
                 f"{name} {value:,} OK/s ({t['windows_requests_per_second'][name]})"
                 for name, value in t["requests_per_second"].items()
