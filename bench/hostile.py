@@ -180,6 +180,7 @@ def throughput(repository: Path, root: Path, reference: str, durations: Duration
         reference: {**os.environ, "PYTHONPATH": str(folder)},
     }
     windows: dict[str, list[float]] = {name: [] for name in environments}
+    cpu: dict[str, list[float]] = {name: [] for name in environments}  # gateway CPU ms per OK call
     with (
         Server(repository, 1, root / "this.log", env=environments["this"]) as ours,
         Server(theirs_repository, 1, root / "baseline.log", env=environments[reference]) as theirs,
@@ -194,9 +195,18 @@ def throughput(repository: Path, root: Path, reference: str, durations: Duration
             order = list(sides)
             for index in range(durations.throughput_rounds):
                 for name in order if index % 2 == 0 else order[::-1]:
-                    result = loads[name].run(warmup=durations.warmup_seconds, seconds=durations.throughput_seconds)
+                    readings: list[float] = []
+                    result = loads[name].run(
+                        warmup=durations.warmup_seconds,
+                        seconds=durations.throughput_seconds,
+                        during=lambda server=sides[name], out=readings: out.append(server.cpu_seconds()[1]),
+                    )
                     windows[name].append(round(result.ok / result.seconds, 1))
-                    print(f"  32 in flight, {name}: {windows[name][-1]:,.0f} OK/s", flush=True)
+                    cpu[name].append(round(1000 * (readings[1] - readings[0]) / max(result.ok, 1), 4))
+                    print(
+                        f"  32 in flight, {name}: {windows[name][-1]:,.0f} OK/s, {cpu[name][-1]} ms CPU/call",
+                        flush=True,
+                    )
         finally:
             for load in loads.values():
                 load.__exit__()
@@ -207,6 +217,8 @@ def throughput(repository: Path, root: Path, reference: str, durations: Duration
         "windows_requests_per_second": windows,
         "requests_per_second": {name: round(value, 1) for name, value in mean.items()},
         "throughput_ratio": round(mean["this"] / mean[reference], 3),
+        "windows_cpu_ms_per_call": cpu,
+        "cpu_ms_per_call": {name: round(sum(values) / len(values), 4) for name, values in cpu.items()},
     }
 
 
@@ -275,7 +287,10 @@ def markdown(result: dict) -> str:
                 f"{name} {value:,} OK/s ({t['windows_requests_per_second'][name]})"
                 for name, value in t["requests_per_second"].items()
             )
-            + f"; ratio {t['throughput_ratio']}.",
+            + f"; ratio {t['throughput_ratio']}. The gateway's CPU per call in the same windows (robust to "
+            "other load on the machine, which throughput is not): "
+            + ", ".join(f"{name} {value} ms" for name, value in t.get("cpu_ms_per_call", {}).items())
+            + ".",
         ]
     lines += ["", "## Targets (issue 14)", "", "| figure | measured | target | met |", "|---|---|---|---|"]
     for check in result["targets"]:

@@ -90,3 +90,13 @@ def test_edge_limits_from_the_environment_and_their_order(monkeypatch):
         load_settings(max_message_bytes=30 << 20)  # more than a connection may hold
     with pytest.raises(InvalidArgumentError, match="white space"):
         load_settings(api_keys={" padded ": "alice"})
+
+
+def test_the_readme_documents_every_edge_limit():
+    from pathlib import Path
+
+    from gateway.settings import EdgeLimits
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for name in EdgeLimits.model_fields:
+        assert f"| `limits.{name}` |" in readme, name

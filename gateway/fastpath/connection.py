@@ -633,7 +633,12 @@ class Http2Connection(asyncio.Protocol):
         if data is None:
             return
         sent = 0
-        room = WRITE_BUFFER_BYTES - self._transport.get_write_buffer_size()
+        # a reply of one frame always goes; a longer one stops while our write buffer is full
+        room = (
+            WRITE_BUFFER_BYTES
+            if len(data) <= self._peer_max_frame
+            else WRITE_BUFFER_BYTES - self._transport.get_write_buffer_size()
+        )
         while data:
             n = min(len(data), self._send_window, stream.send_window, self._peer_max_frame)
             if n <= 0 or self._write_paused or self._queued >= room:
@@ -696,7 +701,8 @@ class Http2Connection(asyncio.Protocol):
             self._edge.release(self._peer, stream.held)
             self._held -= stream.held
             stream.held = 0
-        del stream.request.body[:]
+        if stream.request.body:
+            del stream.request.body[:]
 
     def _close(self, stream: _Stream) -> None:
         if self._streams.pop(stream.id, None) is not None:

@@ -81,17 +81,21 @@ REFUSALS = Rate(64, 16)
 
 
 class Allowance:
-    """One token bucket; :meth:`take` is False once it is empty."""
+    """One token bucket; :meth:`take` is False once it is empty. Plain attributes and no calls:
+    two WINDOW_UPDATEs per call pass through here, on the fast path's hottest loop."""
 
-    __slots__ = ("_last", "_rate", "_tokens")
+    __slots__ = ("_burst", "_last", "_rate", "_tokens")
 
     def __init__(self, rate: Rate, now: float) -> None:
-        self._rate = rate
-        self._tokens = rate.burst
+        self._burst = float(rate.burst)
+        self._rate = float(rate.per_second)
+        self._tokens = self._burst
         self._last = now
 
     def take(self, now: float) -> bool:
-        tokens = min(self._rate.burst, self._tokens + (now - self._last) * self._rate.per_second)
+        tokens = self._tokens + (now - self._last) * self._rate
+        if tokens > self._burst:
+            tokens = self._burst
         self._last = now
         if tokens < 1.0:
             self._tokens = tokens
@@ -100,7 +104,8 @@ class Allowance:
         return True
 
     def credit(self, tokens: float) -> None:
-        self._tokens = min(self._rate.burst, self._tokens + tokens)
+        tokens += self._tokens
+        self._tokens = tokens if tokens < self._burst else self._burst
 
 
 class FrameBudgets:
