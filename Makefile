@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CORE_STAMP := $(VENV)/.installed-core
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: serve test demo models protos bench-pipeline bench-kernels bench-encrypted bench-gateway bench-privacy bench-peer bench-audit bundled clean
+.PHONY: serve test demo models protos bench-pipeline bench-kernels bench-encrypted bench-gateway bench-privacy bench-peer bench-audit bench-hostile bundled clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,10 @@ bench-privacy: $(DEV_STAMP)
 # hegate beside MLServer (its own environment, .venv-mlserver, made from PyPI on first use; ~2 min)
 bench-peer: $(DEV_STAMP)
 	$(BIN)/python -m bench.peer
+
+# One hostile peer per attack on each port: gateway RSS, other clients' p50/p99; fast path against main's (~25 min)
+bench-hostile: $(DEV_STAMP)
+	$(BIN)/python -m bench.hostile
 
 # Membership-inference audit of every bundled model (loss and offline LiRA, 8 shadow models each, ~30 min),
 # then the one-run audit's empirical epsilon of each (one training run with 5,000 canaries, 1-2 min each),

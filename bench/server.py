@@ -86,11 +86,14 @@ class Server:
     """``hegate serve`` in a subprocess: started on a free port, ready once it prints its line,
     stopped with SIGTERM (the gateway's graceful stop) and killed only if that hangs."""
 
-    def __init__(self, repository: Path, workers: int, log: Path, *flags: str) -> None:
+    def __init__(
+        self, repository: Path, workers: int, log: Path, *flags: str, env: dict[str, str] | None = None
+    ) -> None:
         self.repository = repository
         self.workers = workers
         self.log = log
         self.flags = flags  # more ``hegate serve`` flags
+        self.env = env  # the whole environment of the gateway (another checkout's PYTHONPATH, say)
         self.target = ""
         self.fast_path_target: str | None = None  # the plaintext fast path, if the gateway serves one
         self.metrics_url = ""
@@ -118,7 +121,9 @@ class Server:
     def __enter__(self) -> Server:
         started = time.monotonic()
         self._log = self.log.open("w")
-        self.process = subprocess.Popen(self._command(), stdout=subprocess.PIPE, stderr=self._log, text=True)
+        self.process = subprocess.Popen(
+            self._command(), stdout=subprocess.PIPE, stderr=self._log, text=True, env=self.env
+        )
         deadline = started + START_TIMEOUT_SECONDS
         while not self.target:
             remaining = deadline - time.monotonic()

@@ -271,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer.set_defaults(handler=_infer)
 
     from bench import audit as bench_audit
+    from bench import hostile as bench_hostile
     from bench import load as bench_load
     from bench import peer as bench_peer
     from bench import privacy as bench_privacy
@@ -279,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
     bench_load.add_parser(bench_commands)
     bench_audit.add_parser(bench_commands)
+    bench_hostile.add_parser(bench_commands)
     bench_peer.add_parser(bench_commands)
     bench_privacy.add_parser(bench_commands)
     return parser

@@ -21,6 +21,7 @@ from models.errors import InvalidArgumentError
 
 BUNDLED_REPOSITORY = Path(__file__).resolve().parent.parent / "models" / "bundled"
 MIB = 1 << 20
+MESSAGE_PREFIX_BYTES = 5  # gRPC's compressed flag and length before every message
 
 
 class TlsSettings(BaseModel):
@@ -37,6 +38,51 @@ class TlsSettings(BaseModel):
         for path in (self.cert_file, self.key_file, self.client_ca_file):
             if path is not None and not path.is_file():
                 raise ValueError(f"{path} does not exist")
+        return self
+
+
+class EdgeLimits(BaseModel):
+    """What one client, or one peer address, may take from the gateway at its edge (both ports).
+
+    Every figure is chosen so that one hostile, unauthenticated peer on this machine kind (2 cores)
+    cannot grow the gateway by more than 128 MiB or lock other clients out; ``bench/hostile.py``
+    measures that, and the README's table lists each limit with its default. A peer is one IPv4
+    address, or one IPv6 /64 (one host can hold a whole /64).
+
+    The buffer budgets count request bytes held until their message is whole and reply bytes that
+    wait for the client's flow-control window, on the fast path; the grpc.aio port's C-core keeps
+    its own buffers, bounded there by the stream, call and connection limits.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_concurrent_streams: int = Field(default=128, ge=1, le=1 << 16, description="calls in flight per connection")
+    max_header_bytes: int = Field(default=16 << 10, ge=4096, description="a call's header list (both ports)")
+    connection_buffer_bytes: int = Field(default=24 * MIB, ge=MIB, description="bytes held per connection")
+    peer_buffer_bytes: int = Field(default=32 * MIB, ge=MIB, description="bytes held per peer address")
+    total_buffer_bytes: int = Field(default=64 * MIB, ge=MIB, description="bytes held by all connections")
+    request_seconds: float = Field(
+        default=60.0, gt=0, description="a call's whole exchange on the fast path: request in, reply out"
+    )
+    idle_seconds: float = Field(default=300.0, gt=0, description="a connection without request progress is closed")
+    connection_age_seconds: float = Field(
+        default=1800.0, gt=0, description="a connection is asked to go away (GOAWAY) at this age"
+    )
+    max_connections: int = Field(default=1024, ge=1, description="open connections per port")
+    max_peer_connections: int = Field(default=64, ge=1, description="open fast-path connections per peer address")
+    max_calls: int = Field(default=4096, ge=1, description="calls in flight on the grpc.aio port")
+    max_peer_calls: int = Field(default=256, ge=1, description="calls in flight per peer address on the grpc.aio port")
+    handshake_seconds: float = Field(default=10.0, gt=0, description="TLS handshake and HTTP/2 preface (fast path)")
+    penalty_seconds: float = Field(
+        default=10.0, ge=0, description="a peer cut off for abuse (ENHANCE_YOUR_CALM) is refused this long"
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> EdgeLimits:
+        if not self.connection_buffer_bytes <= self.peer_buffer_bytes <= self.total_buffer_bytes:
+            raise ValueError("connection_buffer_bytes <= peer_buffer_bytes <= total_buffer_bytes")
+        if self.max_peer_connections > self.max_connections or self.max_peer_calls > self.max_calls:
+            raise ValueError("a peer's share cannot exceed the whole")
         return self
 
 
@@ -61,6 +107,10 @@ class GatewaySettings(BaseSettings):
     key_ttl_seconds: float = Field(default=3600.0, gt=0, description="keys unused this long are dropped")
     queue_limit: int = Field(default=64, ge=1, description="encrypted requests queued or running per model")
     max_batch: int = Field(default=4096, ge=1, description="largest plaintext batch per request")
+    allow_non_finite_inputs: bool = Field(
+        default=False, description="let NaN and infinite plaintext inputs through (refused as INVALID_ARGUMENT)"
+    )
+    limits: EdgeLimits = Field(default_factory=EdgeLimits, description="what one client may take (both ports)")
     grace_seconds: float = Field(default=10.0, ge=0, description="time in-flight requests get at shutdown")
     plaintext_backend: Literal["numba", "onnxruntime"] = Field(  # kernels.loader.Backend; a test keeps them equal
         default="numba",
@@ -81,6 +131,10 @@ class GatewaySettings(BaseSettings):
             raise ValueError(f"address must be host:port, got {self.address!r}")
         if any(not key or not tenant for key, tenant in self.api_keys.items()):
             raise ValueError("api_keys maps non-empty keys to non-empty tenant names")
+        if any(key != key.strip() for key in self.api_keys):
+            raise ValueError("API keys cannot start or end with white space (presented keys are trimmed)")
+        if self.limits.connection_buffer_bytes < self.max_message_bytes + MESSAGE_PREFIX_BYTES:
+            raise ValueError("limits.connection_buffer_bytes must hold one whole message (max_message_bytes + 5)")
         return self
 
     @property

@@ -6,6 +6,8 @@ kernel picks; the tests talk to it over gRPC and HTTP exactly like any other cli
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import os
 import re
 import shutil
@@ -17,6 +19,10 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.api import grpc_predict_v2_pb2_grpc, hegate_v1_pb2_grpc
@@ -169,3 +175,49 @@ class GatewayProcess:
         self._stdout.close()
         self._stderr.close()
         return self.process.returncode
+
+
+# -- a throwaway PKI for TLS and mutual TLS -------------------------------------------------
+
+
+def _certificate(subject: str, key, issuer=None, issuer_key=None, *, ca: bool = False) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer.subject if issuer else name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+    return builder.sign(issuer_key or key, hashes.SHA256())
+
+
+def _write(path: Path, cert: x509.Certificate, key) -> None:
+    path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    path.with_suffix(".key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+
+
+def make_pki(root: Path) -> Path:
+    """A CA, a server and a client certificate signed by it (``ca``, ``server``, ``client``), and a
+    self-signed ``stranger``: ``<name>.crt`` and ``<name>.key`` under ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _certificate("hegate test CA", ca_key, ca=True)
+    _write(root / "ca", ca, ca_key)
+    for name in ("server", "client"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        _write(root / name, _certificate(name, key, ca, ca_key), key)
+    stranger_key = ec.generate_private_key(ec.SECP256R1())
+    _write(root / "stranger", _certificate("stranger", stranger_key), stranger_key)  # self-signed
+    return root

@@ -26,7 +26,8 @@ import hpack
 import pytest
 
 from gateway.api import grpc_predict_v2_pb2 as oip
-from gateway.fastpath.connection import Http2Connection, Limits
+from gateway.fastpath.connection import Http2Connection
+from gateway.fastpath.edge import Edge, Limits
 from gateway.fastpath.frames import (
     PREFACE,
     RESPONSE_HEADERS,
@@ -149,7 +150,8 @@ class Running:
 
     def __init__(self, behaviour: Behaviour, *, api_keys: dict[str, str] | None = None, **limits) -> None:
         tenants = Tenants(api_keys or {})
-        self.server = FastPathServer(routes_of(behaviour), tenants, Limits(MAX_MESSAGE, **limits), None)
+        limits = Limits(max_message_bytes=MAX_MESSAGE, **limits)
+        self.server = FastPathServer(routes_of(behaviour), tenants, limits, None)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -172,7 +174,7 @@ def behaviour() -> Behaviour:
 
 @pytest.fixture
 def running(behaviour) -> Iterator[Running]:
-    server = Running(behaviour, max_streams=64)
+    server = Running(behaviour, max_concurrent_streams=64)
     yield server
     server.stop()
 
@@ -334,7 +336,9 @@ class Peer:
     """A raw HTTP/2 client: frames out, frames in, nothing checked unless the test checks it."""
 
     def __init__(self, port: int) -> None:
-        self.socket = socket.create_connection(("127.0.0.1", port), timeout=5)
+        # from another loopback address: the penalty for a peer cut off for abuse (ENHANCE_YOUR_CALM)
+        # must not fall on the stock clients that check the server still serves (127.0.0.1)
+        self.socket = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0))
         self.encoder = hpack.Encoder()
         self.decoder = hpack.Decoder()
         self.buffer = b""
@@ -425,7 +429,7 @@ def test_a_call_that_is_not_grpc_gets_http_415(peer):
 
 
 def test_streams_beyond_the_limit_are_refused_and_the_others_served(behaviour):
-    with server_and_peer(behaviour, max_streams=2) as (_, peer):
+    with server_and_peer(behaviour, max_concurrent_streams=2) as (_, peer):
         peer.send(peer.headers(1) + peer.headers(3) + peer.headers(5))
         _, payload = peer.wait_for(Frame.RST_STREAM, stream=5)
         assert ErrorCode(int.from_bytes(payload, "big")) == ErrorCode.REFUSED_STREAM
@@ -537,16 +541,21 @@ def test_an_idle_connection_is_closed(behaviour):
 
 
 def test_one_connection_cannot_hold_more_request_bytes_than_its_budget(behaviour):
-    with server_and_peer(behaviour, max_buffered_bytes=100_000) as (server, peer):
-        chunk = frame(Frame.DATA, 0, 1, message_prefix(200_000) + b"x" * 15_000)
-        peer.send(peer.headers(1) + chunk + b"".join(frame(Frame.DATA, 0, 1, b"x" * 16_000) for _ in range(6)))
+    with server_and_peer(behaviour, connection_buffer_bytes=1 << 20) as (server, peer):
+        chunk = frame(Frame.DATA, 0, 1, message_prefix(2_000_000) + b"x" * 15_000)
+        peer.send(peer.headers(1) + chunk + b"".join(frame(Frame.DATA, 0, 1, b"x" * 16_000) for _ in range(70)))
         status, message = status_of(peer, 1)
         assert status == code(grpc.StatusCode.RESOURCE_EXHAUSTED) and "holds" in message
+        assert server.call(_held(server)) == 0  # given back with the stream
         assert_serving(server)
 
 
+async def _held(server: Running) -> int:
+    return server.server.edge.held
+
+
 def test_connections_beyond_the_limit_are_turned_away(behaviour):
-    server = Running(behaviour, max_connections=1)
+    server = Running(behaviour, max_connections=1, max_peer_connections=1)
     first = Peer(server.port).start()
     try:
         assert Peer(server.port).goaway_code() == ErrorCode.ENHANCE_YOUR_CALM
@@ -558,18 +567,32 @@ def test_connections_beyond_the_limit_are_turned_away(behaviour):
         server.stop()
 
 
-def test_a_peer_that_does_not_read_is_not_read_either(running):
-    """Every PING wants an ACK; a peer that never reads them fills our write buffer, and then we
-    stop reading from it, so its own sends stall instead of our memory growing."""
-    raw = socket.socket()
+def test_a_peer_that_does_not_read_gets_no_more_written_than_the_budgets_allow(running):
+    """A peer that opens its windows wide, asks for 48 MB of replies and reads none: we stop
+    writing once our write buffer is full, the replies wait against the connection's budget,
+    the calls beyond it are reset, and the peer's own sends stall once we stop reading."""
+    raw = socket.create_connection(("127.0.0.1", running.port), timeout=3, source_address=("127.0.0.2", 0))
     raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
-    raw.connect(("127.0.0.1", running.port))
-    raw.settimeout(3)
-    pings = frame(Frame.PING, 0, 0, b"12345678") * 4096
-    with pytest.raises(TimeoutError):
-        raw.sendall(PREFACE + frame(Frame.SETTINGS, 0, 0))
-        for _ in range(400):  # 27 MB of PINGs, far beyond any buffer on the way
-            raw.sendall(pings)
+    encoder = hpack.Encoder()
+    body = oip.ModelInferRequest(id="big:1000000").SerializeToString()
+    framed = message_prefix(len(body)) + body
+    calls = b"".join(
+        Peer.request_headers(encoder, stream) + frame(Frame.DATA, Flag.END_STREAM, stream, framed)
+        for stream in range(1, 97, 2)
+    )
+    wide = frame(Frame.SETTINGS, 0, 0, struct.pack(">HI", 4, (1 << 31) - 1)) + frame(
+        Frame.WINDOW_UPDATE, 0, 0, struct.pack(">I", (1 << 31) - 1 - 65_535)
+    )
+    raw.sendall(PREFACE + wide + calls)
+    time.sleep(1.0)
+
+    async def state() -> tuple[int, int]:
+        (connection,) = running.server.edge.connections
+        return running.server.edge.held, connection._transport.get_write_buffer_size()
+
+    held, unsent = running.call(state())
+    assert held <= Limits(max_message_bytes=MAX_MESSAGE).connection_buffer_bytes
+    assert unsent <= (1 << 20) + 16_384
     raw.close()
 
 
@@ -604,6 +627,9 @@ class FakeTransport(asyncio.Transport):
 
     def set_write_buffer_limits(self, high=None, low=None) -> None:
         pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
 
     def pause_reading(self) -> None:
         pass
@@ -670,14 +696,14 @@ def test_random_frame_sequences_end_in_answers_or_a_goaway_never_in_an_exception
     streams or hang up with GOAWAY, but nothing may raise, in it or in a task it started; and
     many calls are answered (a fuzzer that only ever hits the first check tests nothing)."""
     failures: list[str] = []
-    limits = Limits(1 << 16, max_streams=8)
+    limits = Limits(max_message_bytes=1 << 16, max_concurrent_streams=8)
     server = FastPathServer(routes_of(behaviour), Tenants({}), limits, None)  # for its handler; no socket
 
     async def run() -> None:
         asyncio.get_running_loop().set_exception_handler(lambda loop, context: failures.append(str(context)))
         rng = random.Random(7)
         for _ in range(1000):
-            connection = Http2Connection(server.handle, limits, set())
+            connection = Http2Connection(server.handle, Edge(limits, Tenants({})))
             transport = FakeTransport()
             connection.connection_made(transport)
             data = PREFACE + frame(Frame.SETTINGS, 0, 0) + _random_frames(rng, 40)
@@ -705,7 +731,7 @@ def test_a_handler_that_raises_still_answers_internal(caplog):
         raise RuntimeError("a bug under the server's own mapping")
 
     async def run() -> bytes:
-        connection = Http2Connection(broken, Limits(MAX_MESSAGE), set())
+        connection = Http2Connection(broken, Edge(Limits(max_message_bytes=MAX_MESSAGE), Tenants({})))
         transport = FakeTransport()
         connection.connection_made(transport)
         body = message_prefix(0)
@@ -746,9 +772,9 @@ def test_stop_waits_for_replies_to_drain_and_aborts_only_what_outlives_the_grace
             pass
 
     async def run() -> tuple[Connection, Connection, float]:
-        server = FastPathServer({}, Tenants({}), Limits(MAX_MESSAGE), None)
+        server = FastPathServer({}, Tenants({}), Limits(max_message_bytes=MAX_MESSAGE), None)
         slow, stuck = Connection(drains_after=0.3), Connection(drains_after=None)
-        server._server, server._connections = Listener(), {slow, stuck}
+        server._server, server.edge.connections = Listener(), {slow, stuck}
         started = time.monotonic()
         await server.stop(grace=1.0)
         return slow, stuck, time.monotonic() - started
@@ -763,7 +789,7 @@ def test_a_connection_is_closed_only_when_its_transport_is_gone():
         raise AssertionError("no call is made")
 
     async def run() -> list[bool]:
-        connection = Http2Connection(nothing, Limits(MAX_MESSAGE), set())
+        connection = Http2Connection(nothing, Edge(Limits(max_message_bytes=MAX_MESSAGE), Tenants({})))
         transport = FakeTransport()
         connection.connection_made(transport)
         connection.go_away()  # nothing open: it hangs up, after this callback
@@ -773,3 +799,102 @@ def test_a_connection_is_closed_only_when_its_transport_is_gone():
         return [*seen, connection.closed.is_set()]
 
     assert asyncio.run(run()) == [True, False, True]
+
+
+# -- issue 14: the hardened edge ----------------------------------------------------------------
+
+
+def _echo_call(peer: Peer, stream: int, *, extra=()) -> None:
+    body = oip.ModelInferRequest(id="echo").SerializeToString()
+    peer.send(
+        peer.headers(stream, extra=extra) + frame(Frame.DATA, Flag.END_STREAM, stream, message_prefix(len(body)) + body)
+    )
+
+
+def test_a_zero_grpc_timeout_is_deadline_exceeded(peer):
+    _echo_call(peer.start(), 1, extra=[("grpc-timeout", "0n")])
+    assert status_of(peer, 1)[0] == code(grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+@pytest.mark.parametrize(
+    "header", [("x-note", "a\x00b"), ("x-note", "a\rb"), ("x-note", "a\nb"), ("X-Note", "a"), ("te", "gzip")]
+)
+def test_malformed_headers_reset_the_stream_with_protocol_error(peer, header):
+    _echo_call(peer.start(), 1, extra=[header])
+    _, payload = peer.wait_for(Frame.RST_STREAM, stream=1)
+    assert ErrorCode(int.from_bytes(payload, "big")) == ErrorCode.PROTOCOL_ERROR
+    _echo_call(peer, 3)  # the connection lives on
+    assert status_of(peer, 3) == ("0", "")
+
+
+def test_enable_push_other_than_0_or_1_ends_the_connection(peer):
+    peer.start().send(frame(Frame.SETTINGS, 0, 0, struct.pack(">HI", 2, 2)))
+    assert peer.goaway_code() == ErrorCode.PROTOCOL_ERROR
+
+
+def test_the_key_is_checked_on_headers_before_any_body_is_held(behaviour):
+    with server_and_peer(behaviour, api_keys={"k1": "alice"}) as (server, peer):
+        peer.send(peer.headers(1, extra=[("x-api-key", "wrong")]) + frame(Frame.DATA, 0, 1, message_prefix(1 << 20)))
+        status, message = status_of(peer, 1)  # answered while the body is still "arriving"
+        assert status == code(grpc.StatusCode.UNAUTHENTICATED) and "unknown API key" in message
+        peer.wait_for(Frame.RST_STREAM, stream=1)
+        assert server.call(_held(server)) == 0 and behaviour.tenants == []
+        _echo_call(peer, 3, extra=[("x-api-key", " k1 ")])  # trimmed
+        assert status_of(peer, 3) == ("0", "")
+
+
+def test_a_header_block_of_too_many_continuation_frames_is_cut_off(peer):
+    empty = frame(Frame.CONTINUATION, 0, 1, b"")
+    peer.start().send(frame(Frame.HEADERS, 0, 1, b"\x83") + empty * 5)
+    assert peer.goaway_code() == ErrorCode.ENHANCE_YOUR_CALM
+
+
+@pytest.mark.parametrize(
+    ("kind", "payload"),
+    [(Frame.PING, b"12345678"), (Frame.PRIORITY, b"\x00\x00\x00\x00\x10"), (Frame.WINDOW_UPDATE, b"\x00\x00\x00\x01")],
+)
+def test_control_frame_floods_get_enhance_your_calm_and_the_address_a_penalty(behaviour, kind, payload):
+    with server_and_peer(behaviour, penalty_seconds=30) as (server, peer):
+        stream = 3 if kind == Frame.PRIORITY else 0
+        peer.send(frame(kind, 0, stream, payload) * 2000)
+        assert peer.goaway_code() == ErrorCode.ENHANCE_YOUR_CALM
+        again = Peer(server.port)  # the same address, refused before anything is said
+        assert again.socket.recv(100) == b""
+        again.close()
+        assert_serving(server)  # 127.0.0.1 is another peer
+
+
+def test_control_frames_are_not_progress_an_idle_connection_closes_anyway(behaviour):
+    with server_and_peer(behaviour, idle_seconds=0.6) as (_, peer):
+        started = time.monotonic()
+        with contextlib.suppress(OSError):
+            for _ in range(30):  # a PING every 0.1 s (within the PING budget), which used to keep it open
+                peer.send(frame(Frame.PING, 0, 0, b"12345678"))
+                time.sleep(0.1)
+        closed = time.monotonic() - started
+        _, payload = peer.wait_for(Frame.GOAWAY)
+        assert b"idle" in payload and closed < 2.0
+
+
+def test_a_reply_blocked_by_a_zero_window_is_released_after_the_request_time(behaviour):
+    with server_and_peer(behaviour, request_seconds=0.5) as (server, peer):
+        peer.send(frame(Frame.SETTINGS, 0, 0, struct.pack(">HI", 4, 0)))
+        body = oip.ModelInferRequest(id="big:200000").SerializeToString()
+        peer.send(peer.headers(1) + frame(Frame.DATA, Flag.END_STREAM, 1, message_prefix(len(body)) + body))
+        peer.wait_for(Frame.HEADERS, stream=1)  # the reply started: headers are not flow-controlled
+        assert server.call(_held(server)) > 200_000  # its DATA waits, counted
+        _, payload = peer.wait_for(Frame.RST_STREAM, stream=1)
+        assert ErrorCode(int.from_bytes(payload, "big")) == ErrorCode.CANCEL
+        assert server.call(_held(server)) == 0
+
+
+def test_one_address_cannot_take_every_connection(behaviour):
+    server = Running(behaviour, max_connections=10, max_peer_connections=2)
+    peers = [Peer(server.port).start() for _ in range(2)]
+    try:
+        assert Peer(server.port).goaway_code() == ErrorCode.ENHANCE_YOUR_CALM  # a third from 127.0.0.2
+        assert_serving(server)  # 127.0.0.1 still gets in
+    finally:
+        for peer in peers:
+            peer.close()
+        server.stop()

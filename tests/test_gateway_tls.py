@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-from gateway_harness import GatewayProcess, small_repository
+from gateway_harness import GatewayProcess, make_pki, small_repository
 
 from gateway.client import HegateClient
 from models.errors import HegateError, UnauthenticatedError, UnavailableError
@@ -21,46 +15,9 @@ from models.errors import HegateError, UnauthenticatedError, UnavailableError
 MODEL = "breast-cancer-linear-eps3"
 
 
-def _certificate(subject: str, key, issuer=None, issuer_key=None, *, ca: bool = False) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer.subject if issuer else name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if not ca:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-    return builder.sign(issuer_key or key, hashes.SHA256())
-
-
-def _write(path: Path, cert: x509.Certificate, key) -> None:
-    path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    path.with_suffix(".key").write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("pki")
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _certificate("hegate test CA", ca_key, ca=True)
-    _write(root / "ca", ca, ca_key)
-    for name in ("server", "client"):
-        key = ec.generate_private_key(ec.SECP256R1())
-        _write(root / name, _certificate(name, key, ca, ca_key), key)
-    stranger_key = ec.generate_private_key(ec.SECP256R1())
-    _write(root / "stranger", _certificate("stranger", stranger_key), stranger_key)  # self-signed
-    return root
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")

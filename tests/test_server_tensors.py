@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gateway.api import grpc_predict_v2_pb2 as pb
-from gateway.server.tensors import DATATYPES, input_array, inputs_from_request, output_tensor
+from gateway.server.tensors import DATATYPES, input_array, inputs_from_request, output_tensor, require_finite
 from models.errors import InvalidArgumentError
 
 InputTensor = pb.ModelInferRequest.InferInputTensor
@@ -147,8 +147,8 @@ def test_raw_length_must_match_shape_exactly(size: int) -> None:
 
 
 def test_raw_length_is_checked_before_any_allocation_for_huge_shapes() -> None:
-    tensor = InputTensor(name="x", datatype="INT64", shape=[2**40, 2**20])
-    _refused(rf"input 'x': 8 bytes for shape \[{2**40}, {2**20}\] INT64 needs {2**63}$", tensor, b"\0" * 8)
+    tensor = InputTensor(name="x", datatype="INT64", shape=[2**20, 2**10])  # within the element bound
+    _refused(rf"input 'x': 8 bytes for shape \[{2**20}, {2**10}\] INT64 needs {2**33}$", tensor, b"\0" * 8)
 
 
 def test_typed_values_must_match_the_element_count() -> None:
@@ -223,3 +223,31 @@ def test_unnamed_input() -> None:
     request.inputs.add(datatype="FP32", shape=[1]).contents.fp32_contents.append(1.0)
     with pytest.raises(InvalidArgumentError, match="input at position 0 has no name"):
         inputs_from_request(request)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [[0, 2**63 - 1, 28, 28], [2**31, 1], [4097, 1, 28, 28], [1, 2**40, 0]],
+)
+def test_shapes_beyond_the_element_bound_are_refused_before_numpy_sees_them(shape: list[int]) -> None:
+    """Issue 14: [0, 2**63 - 1, 28, 28] holds no element, matched its empty raw bytes, and made
+    numpy raise (INTERNAL and a traceback). Every dimension and the count are bounded now."""
+    with pytest.raises(InvalidArgumentError, match="exceeds the 3211264 elements"):
+        inputs_from_request(_raw_request_with_shape(shape), max_elements=4096 * 784)
+
+
+def _raw_request_with_shape(shape: list[int]) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="m")
+    request.inputs.add(name="x", datatype="FP32", shape=shape)
+    request.raw_input_contents.append(b"")
+    return request
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_values_are_refused(value: float) -> None:
+    array = np.zeros((2, 3), np.float32)
+    array[1, 2] = value
+    with pytest.raises(InvalidArgumentError, match=r"at \[1, 2\]; inputs must be finite"):
+        require_finite("x", array)
+    require_finite("x", np.zeros((2, 3), np.float32))
+    require_finite("x", np.full((2,), 7, np.int64))  # integers are always finite

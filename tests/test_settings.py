@@ -78,3 +78,25 @@ def test_the_plaintext_backends_and_ckks_profiles_offered_are_the_ones_that_exis
     assert (settings.plaintext_backend, settings.ckks_precision) == ("onnxruntime", "high")
     with pytest.raises(InvalidArgumentError, match="ckks_precision"):
         load_settings(ckks_precision="ultra")
+
+
+def test_edge_limits_from_the_environment_and_their_order(monkeypatch):
+    monkeypatch.setenv("HEGATE_LIMITS__MAX_PEER_CONNECTIONS", "8")
+    settings = load_settings()
+    assert settings.limits.max_peer_connections == 8 and settings.limits.max_connections == 1024
+    with pytest.raises(InvalidArgumentError, match="peer_buffer_bytes"):
+        load_settings(limits={"connection_buffer_bytes": 64 << 20, "peer_buffer_bytes": 32 << 20})
+    with pytest.raises(InvalidArgumentError, match="one whole message"):
+        load_settings(max_message_bytes=30 << 20)  # more than a connection may hold
+    with pytest.raises(InvalidArgumentError, match="white space"):
+        load_settings(api_keys={" padded ": "alice"})
+
+
+def test_the_readme_documents_every_edge_limit():
+    from pathlib import Path
+
+    from gateway.settings import EdgeLimits
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for name in EdgeLimits.model_fields:
+        assert f"| `limits.{name}` |" in readme, name

@@ -6,25 +6,41 @@ no per-frame objects: ``data_received`` cuts whole frames out of its buffer, a c
 the reply leaves as HEADERS, DATA and trailers in one write when the peer's flow-control windows
 allow (the rest waits for WINDOW_UPDATE).
 
-What a hostile or broken peer can take is bounded here, per connection: frames above 16 KiB,
-header lists above ``max_header_bytes``, messages above ``max_message_bytes``, more request bytes
-held at once than ``max_buffered_bytes``, more than ``max_streams`` calls, data beyond the windows
-we granted, reset floods, requests that never finish arriving (``request_seconds``), connections
-that sit idle (``idle_seconds``), and replies it does not read (reading stops while our write
-buffer is full). Each ends the stream or the connection with the error code that names it;
-nothing reaches another connection.
+What a hostile or broken peer can take is bounded here and in :mod:`gateway.fastpath.edge`:
+frames above 16 KiB; header lists above ``max_header_bytes``; messages above
+``max_message_bytes``; buffered bytes (request bytes until the message is whole, reply bytes that
+wait for the client's window) above the connection's, its peer's and the gateway's budgets; more
+than ``max_concurrent_streams`` calls; data beyond the windows we granted; control frames beyond
+their budgets; a call's whole exchange beyond ``request_seconds``; connections without request
+progress for ``idle_seconds`` (control frames are not progress); replies it does not read (reading
+stops while our write buffer is full). Each ends the stream or the connection with the error code
+that names it; nothing reaches another connection.
+
+A call's API key is checked on its HEADERS, before any of its body is buffered: a call without a
+valid one is answered UNAUTHENTICATED at once and its stream reset.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
 import hpack
 
+from gateway.fastpath.edge import (
+    CONTINUATIONS_PER_BLOCK,
+    TARPIT_SECONDS,
+    WINDOW_UPDATE_CREDIT,
+    Edge,
+    FrameBudgets,
+    Limits,
+    peer_key,
+)
 from gateway.fastpath.frames import (
     DEFAULT_MAX_FRAME,
     DEFAULT_WINDOW,
@@ -48,28 +64,23 @@ from gateway.fastpath.frames import (
     trailers_only,
     window_update,
 )
+from gateway.server.ratelog import RateLimitedLog
+from models.errors import UnauthenticatedError
 
 logger = logging.getLogger(__name__)
+closing_log = RateLimitedLog(logger, per_second=1.0, burst=20)
+handler_log = RateLimitedLog(logger, per_second=1.0, burst=10)
 
 STREAM_WINDOW = 1 << 20  # what each call may send before we return credit
 CONNECTION_WINDOW = 16 << 20
 WRITE_BUFFER_BYTES = 1 << 20  # above this many unsent bytes, stop reading the peer's requests
-RESETS_PER_SECOND = 1000  # resets of live calls above this in a second: ENHANCE_YOUR_CALM (rapid reset)
 HPACK_HARD_LIMIT = 4  # hpack gives up past this many times max_header_bytes; below, one call is refused
 NOT_GRPC = encode_headers([(":status", "415")])
 CONNECTION_HEADERS = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"})
 UNREAD_METADATA = frozenset({"content-type", "te", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding"})
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_message_bytes: int
-    max_streams: int = 256
-    max_header_bytes: int = 16 << 10
-    max_buffered_bytes: int = 64 << 20  # request bytes one connection may hold at once
-    request_seconds: float = 60.0  # a request must arrive whole within this
-    idle_seconds: float = 300.0  # a connection without calls or frames this long is closed
-    max_connections: int = 1024
+REQUEST_PSEUDO = frozenset({":method", ":scheme", ":path", ":authority"})
+FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")  # RFC 9110 tchar, lower case only (RFC 9113 8.2.1)
+FIELD_VALUE_BAD = re.compile(r"[\x00\r\n]")  # RFC 9113 8.2.1: malformed anywhere in a name or value
 
 
 @dataclass
@@ -81,6 +92,7 @@ class Request:
     timeout: str | None  # grpc-timeout, counted from ``received_at`` (the loop's clock)
     encoding: str | None
     received_at: float
+    tenant: str | None = None  # set by the key check on HEADERS; None for open services
     body: bytearray = field(default_factory=bytearray)
 
 
@@ -96,97 +108,193 @@ class Reply:
 Handler = Callable[[Request], Awaitable[Reply]]
 
 
+@dataclass(frozen=True)
+class _Call:
+    """What a header block says about the call it opens, or how it is refused: kept with the
+    block, so a client's repeated block costs neither validation nor the key check again."""
+
+    path: str = ""
+    metadata: list[tuple[str, str]] = field(default_factory=list)
+    timeout: str | None = None
+    encoding: str | None = None
+    tenant: str | None = None
+    refusal: bytes | None = None  # a header block that answers the call (415, UNAUTHENTICATED, ...)
+    malformed: str = ""  # RFC 9113 8.1.1: a stream error PROTOCOL_ERROR, with this reason
+
+
 @dataclass
 class _Stream:
     id: int
     request: Request
     send_window: int
+    opened_at: float
     recv_window: int = STREAM_WINDOW  # what we granted and the peer has not used
     unacked: int = 0  # received bytes not yet credited back on this stream
+    held: int = 0  # bytes counted against the budgets (request body, then blocked reply)
     task: asyncio.Task | None = None  # set once the request is whole
+    answered: bool = False  # response HEADERS sent
     outgoing: memoryview | None = None  # reply DATA still waiting for window
     end: bytes = b""  # the trailers frame that follows ``outgoing``
 
 
 class Http2Connection(asyncio.Protocol):
-    """The server side of one connection; ``connections`` is the server's registry of live ones."""
+    """The server side of one connection; ``edge`` is the server's shared state (registry of
+    connections and peers, budgets, the key check)."""
 
-    def __init__(self, handler: Handler, limits: Limits, connections: set[Http2Connection]) -> None:
+    def __init__(self, handler: Handler, edge: Edge, tls: ssl.SSLContext | None = None) -> None:
         self._handler = handler
-        self._limits = limits
-        self._connections = connections
+        self._edge = edge
+        self._limits: Limits = edge.limits
+        self._tls = tls
+        self._peer = "?"
+        self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._preface = False
         self._settings_seen = False
         self._decoder = hpack.Decoder()
-        self._decoder.max_header_list_size = HPACK_HARD_LIMIT * limits.max_header_bytes
+        self._decoder.max_header_list_size = HPACK_HARD_LIMIT * self._limits.max_header_bytes
         self._cached_block: bytes | None = None  # see _decode
-        self._cached_headers: list[tuple[str, str]] = []
+        self._cached_call: _Call | None = None
         self._streams: dict[int, _Stream] = {}
         self._blocked: dict[int, _Stream] = {}  # streams with reply data waiting for window
         self._last_stream = 0
-        self._block: tuple[int, int, bytearray] | None = None  # headers awaiting CONTINUATION
+        self._block: tuple[int, int, bytearray, int] | None = None  # headers awaiting CONTINUATION
         self._send_window = DEFAULT_WINDOW
         self._recv_window = CONNECTION_WINDOW
         self._peer_stream_window = DEFAULT_WINDOW
         self._peer_max_frame = DEFAULT_MAX_FRAME
         self._unacked = 0
-        self._buffered = 0  # request bytes held by open streams
-        self._resets = (0.0, 0)
+        self._held = 0  # bytes this connection's streams hold against the budgets
         self._going_away = False
+        self._write_paused = False
+        self._begun = False  # our SETTINGS are out (after the TLS handshake, with TLS)
+        self._early: list[bytes] = []
+        self._queued = 0  # reply bytes put in the batch being built, not yet written
+        self._registered = False
         self._watchdog: asyncio.TimerHandle | None = None
         self.closed = asyncio.Event()
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:
-        self._transport = transport
-        self._loop = asyncio.get_running_loop()
-        self._last_frame = self._loop.time()
-        if len(self._connections) >= self._limits.max_connections:
-            transport.write(goaway(0, ErrorCode.ENHANCE_YOUR_CALM, "too many connections"))
-            transport.close()
+        if self._transport is not None:  # the TLS transport that start_tls made: see _handshake
             return
-        self._connections.add(self)
+        self._loop = asyncio.get_running_loop()
+        self._opened = self._last_progress = self._now = self._loop.time()
+        self._peer = peer_key(transport.get_extra_info("peername"))
+        refusal = self._edge.admit(self, self._peer)
+        if refusal is not None:
+            self._transport = transport
+            if refusal == "penalty" and self._edge.tarpit(self._peer):
+                transport.pause_reading()  # a peer cut off for abuse: not read, closed in a while
+                self._loop.call_later(TARPIT_SECONDS, self._untarpit, transport)
+                return
+            if refusal != "penalty" and self._tls is None:
+                transport.write(goaway(0, ErrorCode.ENHANCE_YOUR_CALM, refusal))
+                transport.close()
+            else:
+                transport.abort()  # TLS not yet spoken, or the tarpit is full: no answer
+            self.closed.set()
+            return
+        self._registered = True
+        self._budgets = FrameBudgets(self._now)
+        interval = min(self._limits.request_seconds, self._limits.idle_seconds, self._limits.handshake_seconds)
+        self._watch_interval = max(0.05, interval / 4)
+        self._watchdog = self._loop.call_later(self._watch_interval, self._watch)
+        if self._tls is None:
+            self._begin(transport)
+        else:
+            self._transport = transport
+            transport.pause_reading()  # the ClientHello waits for start_tls
+            self._handshaking = self._loop.create_task(self._handshake(transport))
+
+    def _untarpit(self, transport: asyncio.Transport) -> None:
+        transport.abort()
+        self._edge.untarpit(self._peer)
+        self.closed.set()
+
+    async def _handshake(self, transport: asyncio.Transport) -> None:
+        """TLS after the peer was admitted, so a refused or penalized peer costs no handshake."""
+        try:
+            secure = await self._loop.start_tls(
+                transport,
+                self,
+                self._tls,
+                server_side=True,
+                ssl_handshake_timeout=self._limits.handshake_seconds,
+            )
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError, asyncio.CancelledError) as exc:
+            closing_log.info("fast path: TLS handshake with %s failed: %s", self._peer, exc or type(exc).__name__)
+            transport.abort()
+            self._gone()
+            return
+        if secure is None or self._transport is None or self._transport.is_closing():
+            self._gone()
+            return
+        self._begin(secure)
+
+    def _begin(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
         transport.set_write_buffer_limits(high=WRITE_BUFFER_BYTES)
         settings = {
             Setting.ENABLE_PUSH: 0,
-            Setting.MAX_CONCURRENT_STREAMS: self._limits.max_streams,
+            Setting.MAX_CONCURRENT_STREAMS: self._limits.max_concurrent_streams,
             Setting.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             Setting.MAX_HEADER_LIST_SIZE: self._limits.max_header_bytes,
         }
         transport.write(settings_frame(settings) + window_update(0, CONNECTION_WINDOW - DEFAULT_WINDOW))
-        self._watch_interval = min(self._limits.request_seconds, self._limits.idle_seconds) / 4
-        self._watchdog = self._loop.call_later(self._watch_interval, self._watch)
+        self._begun = True
+        early, self._early = self._early, []
+        if early:  # what TLS delivered before start_tls returned its transport
+            self.data_received(b"".join(early))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._connections.discard(self)
+        self._gone()
+
+    def _gone(self) -> None:
+        if self.closed.is_set():
+            return
         if self._watchdog is not None:
             self._watchdog.cancel()
-        for stream in self._streams.values():
+        for stream in list(self._streams.values()):
             if stream.task is not None:
                 stream.task.cancel()
+            self._release(stream)
         self._streams.clear()
         self._blocked.clear()
+        if self._registered:
+            self._edge.leave(self, self._peer)
         self.closed.set()
 
     def pause_writing(self) -> None:
-        """The peer is not reading: stop reading its requests until it catches up."""
+        """The peer is not reading: stop reading its requests, and stop writing reply DATA (it
+        waits in the streams, against the budgets), until it catches up."""
+        self._write_paused = True
         self._transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self._write_paused = False
         if not self._transport.is_closing():
             self._transport.resume_reading()
+            out: list[bytes] = []
+            self._flush_blocked(out)
+            self._write(out)
 
     def data_received(self, data: bytes) -> None:
+        if not self._begun:
+            self._early.append(data)
+            return
         out: list[bytes] = []
+        self._now = self._loop.time()
         try:
             self._frames(data, out)
         except ProtocolError as exc:
-            logger.info("fast path: closing a connection: %s", exc)
+            closing_log.info("fast path: closing a connection from %s: %s", self._peer, exc)
             out.append(goaway(self._last_stream, exc.code, str(exc)))
             self._write(out)
             self._transport.close()
+            if exc.code == ErrorCode.ENHANCE_YOUR_CALM:
+                self._edge.penalize(self._peer)
             return
         self._write(out)
 
@@ -217,7 +325,6 @@ class Http2Connection(asyncio.Protocol):
             position = end
         if position:
             del buffer[:position]
-            self._last_frame = self._loop.time()
         if self._unacked >= CONNECTION_WINDOW // 4:
             out.append(window_update(0, self._unacked))
             self._recv_window += self._unacked
@@ -237,6 +344,7 @@ class Http2Connection(asyncio.Protocol):
         elif kind == Frame.SETTINGS:
             self._settings(flags, stream_id, payload, out)
         elif kind == Frame.WINDOW_UPDATE:
+            self._spend(self._budgets.window_update, "WINDOW_UPDATE")
             self._window_update(stream_id, payload, out)
         elif kind == Frame.PING:
             if stream_id != 0:
@@ -244,10 +352,12 @@ class Http2Connection(asyncio.Protocol):
             if len(payload) != 8:
                 raise ProtocolError("PING payload must be 8 bytes", ErrorCode.FRAME_SIZE_ERROR)
             if not flags & Flag.ACK:
+                self._spend(self._budgets.ping, "PING")
                 out.append(frame(Frame.PING, Flag.ACK, 0, payload))
         elif kind == Frame.RST_STREAM:
             self._reset(stream_id, payload, out)
         elif kind == Frame.PRIORITY:
+            self._spend(self._budgets.priority, "PRIORITY")
             if stream_id == 0:
                 raise ProtocolError("PRIORITY on stream 0")
             if len(payload) != 5:
@@ -259,6 +369,10 @@ class Http2Connection(asyncio.Protocol):
             self._close_if_done()
         # Unknown frame types are ignored, as RFC 9113 asks.
 
+    def _spend(self, allowance, what: str) -> None:
+        if not allowance.take(self._now):
+            raise ProtocolError(f"too many {what} frames", ErrorCode.ENHANCE_YOUR_CALM)
+
     def _data(self, flags: int, stream_id: int, payload: bytes, out: list[bytes]) -> None:
         size = len(payload)  # flow control counts the padding too
         self._unacked += size
@@ -269,6 +383,8 @@ class Http2Connection(asyncio.Protocol):
             raise ProtocolError("DATA on stream 0")
         if flags & Flag.PADDED:
             payload = _unpad(payload)
+        if not payload and not flags & Flag.END_STREAM:
+            self._spend(self._budgets.empty_data, "empty DATA")
         stream = self._streams.get(stream_id)
         if stream is None:
             if stream_id > self._last_stream:
@@ -281,18 +397,21 @@ class Http2Connection(asyncio.Protocol):
         if stream.recv_window < 0:
             self._abandon(stream_id, ErrorCode.FLOW_CONTROL_ERROR, out)
             return
-        body = stream.request.body
-        limit = self._limits.max_message_bytes
-        if len(body) + len(payload) > limit + 5:
-            message = f"request message larger than the {limit} bytes allowed"
-            self._refuse(stream, grpc.StatusCode.RESOURCE_EXHAUSTED, message, out)
-            return
-        if self._buffered + len(payload) > self._limits.max_buffered_bytes:
-            message = f"this connection already holds {self._buffered} bytes of requests; retry when they finish"
-            self._refuse(stream, grpc.StatusCode.RESOURCE_EXHAUSTED, message, out)
-            return
-        body += payload
-        self._buffered += len(payload)
+        if payload:
+            body = stream.request.body
+            limit = self._limits.max_message_bytes
+            if len(body) + len(payload) > limit + 5:
+                message = f"request message larger than the {limit} bytes allowed"
+                self._refuse(stream, grpc.StatusCode.RESOURCE_EXHAUSTED, message, out)
+                return
+            refusal = self._edge.hold(self._peer, self._held, len(payload))
+            if refusal is not None:
+                self._refuse(stream, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{refusal}; retry when they finish", out)
+                return
+            self._held += len(payload)
+            stream.held += len(payload)
+            body += payload
+            self._last_progress = self._now
         if flags & Flag.END_STREAM:
             self._start(stream)
             return
@@ -314,22 +433,25 @@ class Http2Connection(asyncio.Protocol):
         if flags & Flag.END_HEADERS:
             self._header_block(stream_id, flags, payload, out)
         else:
-            self._block = (stream_id, flags, bytearray(payload))
+            self._block = (stream_id, flags, bytearray(payload), 0)
 
     def _continuation(self, flags: int, stream_id: int, payload: bytes, out: list[bytes]) -> None:
         if self._block is None or self._block[0] != stream_id:
             raise ProtocolError("CONTINUATION without the HEADERS it continues")
-        block = self._block[2]
+        _, first_flags, block, count = self._block
+        if count >= CONTINUATIONS_PER_BLOCK:
+            raise ProtocolError("too many CONTINUATION frames in one header block", ErrorCode.ENHANCE_YOUR_CALM)
         block += payload
         if len(block) > self._limits.max_header_bytes:
             raise ProtocolError("header block too large", ErrorCode.ENHANCE_YOUR_CALM)
         if flags & Flag.END_HEADERS:
-            _, first_flags, _ = self._block
             self._block = None
             self._header_block(stream_id, first_flags, bytes(block), out)
+        else:
+            self._block = (stream_id, first_flags, block, count + 1)
 
     def _header_block(self, stream_id: int, flags: int, block: bytes, out: list[bytes]) -> None:
-        headers = self._decode(block)
+        call = self._call(block)
         stream = self._streams.get(stream_id)
         if stream is not None:  # trailers of a request: they must end it
             if stream.task is not None:
@@ -342,34 +464,42 @@ class Http2Connection(asyncio.Protocol):
         if stream_id % 2 == 0 or stream_id <= self._last_stream:
             raise ProtocolError(f"stream {stream_id} cannot be opened now")
         self._last_stream = stream_id
-        if self._going_away or len(self._streams) >= self._limits.max_streams:
+        if self._going_away:
             out.append(rst_stream(stream_id, ErrorCode.REFUSED_STREAM))
             return
         ends = bool(flags & Flag.END_STREAM)
-        if sum(len(name) + len(value) + 32 for name, value in headers) > self._limits.max_header_bytes:
-            message = f"header list larger than the {self._limits.max_header_bytes} bytes allowed"
-            self._answer(stream_id, trailers_only(grpc.StatusCode.RESOURCE_EXHAUSTED, message), out, reset=not ends)
+        if len(self._streams) >= self._limits.max_concurrent_streams:
+            self._spend(self._budgets.refusals, "refused")
+            out.append(rst_stream(stream_id, ErrorCode.REFUSED_STREAM))
             return
-        request, refusal = _request(headers, self._loop.time())
-        if refusal is not None:
-            self._answer(stream_id, refusal, out, reset=not ends)
+        if call.malformed:
+            self._spend(self._budgets.refusals, "refused")
+            handler_log.info("fast path: malformed request from %s: %s", self._peer, call.malformed)
+            out.append(rst_stream(stream_id, ErrorCode.PROTOCOL_ERROR))
             return
-        stream = _Stream(stream_id, request, self._peer_stream_window)
+        if call.refusal is not None:
+            self._spend(self._budgets.refusals, "refused")
+            self._answer(stream_id, call.refusal, out, reset=not ends)
+            return
+        request = Request(call.path, call.metadata, call.timeout, call.encoding, self._now, call.tenant)
+        stream = _Stream(stream_id, request, self._peer_stream_window, self._now)
         self._streams[stream_id] = stream
+        self._last_progress = self._now
+        self._budgets.window_update.credit(WINDOW_UPDATE_CREDIT)
         if ends:
             self._start(stream)
 
-    def _decode(self, block: bytes) -> list[tuple[str, str]]:
-        """The header list of ``block``, names and values as Latin-1 (any bytes decode; ASCII, all
-        that gRPC reads, unchanged).
+    def _call(self, block: bytes) -> _Call:
+        """What ``block`` opens, validated and its key checked.
 
         A client sends the same block for every call to a method once its headers sit in the
-        dynamic table; decoding it costs ~14 us in pure Python, so the last block that left the
-        table unchanged is remembered with its list, and forgotten as soon as any block changes
-        the table (an entry added or evicted shows in the table's length or its newest entry).
+        dynamic table; decoding, validating and the key check cost ~20 us in pure Python, so the
+        last block that left the table unchanged is remembered with its verdict, and forgotten as
+        soon as any block changes the table (an entry added or evicted shows in the table's length
+        or its newest entry). The verdict depends on nothing but the header list.
         """
         if block == self._cached_block:
-            return self._cached_headers
+            return self._cached_call
         table = self._decoder.header_table.dynamic_entries
         before = (len(table), table[0] if table else None)
         try:
@@ -379,9 +509,23 @@ class Http2Connection(asyncio.Protocol):
         except hpack.HPACKError as exc:
             raise ProtocolError(f"undecodable header block: {exc}", ErrorCode.COMPRESSION_ERROR) from None
         headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw]
+        call = self._verdict(headers)
         unchanged = len(table) == before[0] and (table[0] if table else None) is before[1]
-        self._cached_block, self._cached_headers = (block, headers) if unchanged else (None, [])
-        return headers
+        self._cached_block, self._cached_call = (block, call) if unchanged else (None, None)
+        return call
+
+    def _verdict(self, headers: list[tuple[str, str]]) -> _Call:
+        if sum(len(name) + len(value) + 32 for name, value in headers) > self._limits.max_header_bytes:
+            message = f"header list larger than the {self._limits.max_header_bytes} bytes allowed"
+            return _Call(refusal=trailers_only(grpc.StatusCode.RESOURCE_EXHAUSTED, message))
+        call = _parse_call(headers)
+        if call.malformed or call.refusal is not None:
+            return call
+        try:
+            tenant = self._edge.tenants.authenticate(call.path, call.metadata)
+        except UnauthenticatedError as exc:
+            return _Call(refusal=trailers_only(grpc.StatusCode.UNAUTHENTICATED, str(exc)))
+        return _Call(call.path, call.metadata, call.timeout, call.encoding, tenant)
 
     def _settings(self, flags: int, stream_id: int, payload: bytes, out: list[bytes]) -> None:
         if stream_id != 0:
@@ -392,6 +536,8 @@ class Http2Connection(asyncio.Protocol):
             return
         if len(payload) % 6:
             raise ProtocolError("SETTINGS payload is not a list of 6-byte entries", ErrorCode.FRAME_SIZE_ERROR)
+        if self._settings_seen:
+            self._spend(self._budgets.settings, "SETTINGS")
         self._settings_seen = True
         window = self._peer_stream_window
         for offset in range(0, len(payload), 6):
@@ -405,6 +551,8 @@ class Http2Connection(asyncio.Protocol):
                 if not DEFAULT_MAX_FRAME <= value <= (1 << 24) - 1:
                     raise ProtocolError(f"MAX_FRAME_SIZE {value} out of range")
                 self._peer_max_frame = value
+            elif key == Setting.ENABLE_PUSH and value > 1:
+                raise ProtocolError(f"ENABLE_PUSH {value} is neither 0 nor 1")
         delta, self._peer_stream_window = window - self._peer_stream_window, window
         if delta:
             for stream in self._streams.values():
@@ -444,11 +592,7 @@ class Http2Connection(asyncio.Protocol):
         stream = self._streams.get(stream_id)
         if stream is None:
             return  # one we have finished already: nothing to undo, nothing to count
-        now = self._loop.time()
-        second, count = self._resets
-        self._resets = (second, count + 1) if now - second < 1.0 else (now, 1)
-        if self._resets[1] > RESETS_PER_SECOND:
-            raise ProtocolError("too many stream resets", ErrorCode.ENHANCE_YOUR_CALM)
+        self._spend(self._budgets.resets, "stream resets")
         if stream.task is not None:
             stream.task.cancel()
         self._close(stream)
@@ -462,11 +606,15 @@ class Http2Connection(asyncio.Protocol):
         try:
             reply = await self._handler(stream.request)
         except Exception:  # the handler maps every failure itself; this is the net under it
-            logger.exception("fast path: the handler failed on %s", stream.request.path)
+            handler_log.exception("fast path: the handler failed on %s", stream.request.path)
             reply = Reply(grpc.StatusCode.INTERNAL, "internal error; it has been logged")
         if self._streams.get(stream.id) is not stream or self._transport.is_closing():
-            return  # reset by the client, or the connection is gone
+            return  # reset by the client, timed out, or the connection is gone
+        self._release(stream)  # the request's bytes are done with
         out: list[bytes] = []
+        self._now = self._loop.time()
+        self._last_progress = self._now
+        stream.answered = True
         if reply.code != grpc.StatusCode.OK:
             self._answer(stream.id, trailers_only(reply.code, reply.message), out)
             self._close(stream)
@@ -478,20 +626,45 @@ class Http2Connection(asyncio.Protocol):
         self._write(out)
 
     def _flush(self, stream: _Stream, out: list[bytes]) -> None:
-        """Send as much of the stream's reply as both windows allow; the trailers once all is out."""
+        """Send as much of the stream's reply as both windows allow; the trailers once all is out.
+        Reply bytes left waiting for window count against the budgets; past them, the stream is
+        reset (the client is not reading what it asked for)."""
         data = stream.outgoing
         if data is None:
             return
+        sent = 0
+        # a reply of one frame always goes; a longer one stops while our write buffer is full
+        room = (
+            WRITE_BUFFER_BYTES
+            if len(data) <= self._peer_max_frame
+            else WRITE_BUFFER_BYTES - self._transport.get_write_buffer_size()
+        )
         while data:
             n = min(len(data), self._send_window, stream.send_window, self._peer_max_frame)
-            if n <= 0:
-                stream.outgoing = data
-                self._blocked[stream.id] = stream
-                return
+            if n <= 0 or self._write_paused or self._queued >= room:
+                break
             out.append(frame(Frame.DATA, 0, stream.id, data[:n].tobytes()))
             data = data[n:]
+            sent += 1
+            self._queued += n
             self._send_window -= n
             stream.send_window -= n
+        self._budgets.window_update.credit(WINDOW_UPDATE_CREDIT * sent)
+        if data:
+            stream.outgoing = data
+            self._blocked[stream.id] = stream
+            if len(data) < stream.held:  # some of what was held has left
+                self._edge.release(self._peer, stream.held - len(data))
+                self._held -= stream.held - len(data)
+                stream.held = len(data)
+            elif len(data) > stream.held:
+                more = len(data) - stream.held
+                if self._edge.hold(self._peer, self._held, more) is not None:
+                    self._abandon(stream.id, ErrorCode.CANCEL, out)
+                    return
+                self._held += more
+                stream.held += more
+            return
         stream.outgoing = None
         out.append(stream.end)
         self._close(stream)
@@ -509,6 +682,8 @@ class Http2Connection(asyncio.Protocol):
     def _refuse(self, stream: _Stream, code: grpc.StatusCode, message: str, out: list[bytes]) -> None:
         """Answer a call whose request is still arriving with a status, and stop the rest of it."""
         self._answer(stream.id, trailers_only(code, message), out, reset=True)
+        if stream.task is not None:
+            stream.task.cancel()
         self._close(stream)
 
     def _abandon(self, stream_id: int, code: ErrorCode, out: list[bytes]) -> None:
@@ -520,10 +695,20 @@ class Http2Connection(asyncio.Protocol):
                 stream.task.cancel()
             self._close(stream)
 
+    def _release(self, stream: _Stream) -> None:
+        """Give back what ``stream`` held against the budgets, and the request's bytes."""
+        if stream.held:
+            self._edge.release(self._peer, stream.held)
+            self._held -= stream.held
+            stream.held = 0
+        if stream.request.body:
+            del stream.request.body[:]
+
     def _close(self, stream: _Stream) -> None:
         if self._streams.pop(stream.id, None) is not None:
-            self._buffered -= len(stream.request.body)
+            self._release(stream)
         self._blocked.pop(stream.id, None)
+        stream.outgoing = None
         self._close_if_done()
 
     def _close_if_done(self) -> None:
@@ -532,36 +717,62 @@ class Http2Connection(asyncio.Protocol):
             self._loop.call_soon(self._transport.close)
 
     def _write(self, out: list[bytes]) -> None:
+        self._queued = 0
         if out and not self._transport.is_closing():
             self._transport.write(b"".join(out))
 
     def _watch(self) -> None:
-        """Every few seconds: refuse requests that have taken too long to arrive, close if idle."""
-        now = self._loop.time()
+        """Every few seconds: end calls whose exchange took too long, close a connection that has
+        not finished its handshake in time, made no request progress for too long, or grown old."""
+        now = self._now = self._loop.time()
+        limits = self._limits
+        if not self._settings_seen and now - self._opened > limits.handshake_seconds:
+            closing_log.info("fast path: %s did not start HTTP/2 within %g s", self._peer, limits.handshake_seconds)
+            self._transport.abort()
+            self._gone()
+            return
         out: list[bytes] = []
         for stream in list(self._streams.values()):
-            if stream.task is None and now - stream.request.received_at > self._limits.request_seconds:
-                message = f"the request did not arrive whole within {self._limits.request_seconds:g} s"
-                self._refuse(stream, grpc.StatusCode.DEADLINE_EXCEEDED, message, out)
-        if not self._streams and now - self._last_frame > self._limits.idle_seconds:
+            if now - stream.opened_at > limits.request_seconds:
+                self._expire(stream, out)
+        if not self._streams and now - self._last_progress > limits.idle_seconds:
             out.append(goaway(self._last_stream, ErrorCode.NO_ERROR, "idle"))
             self._write(out)
             self._transport.close()
             return
         self._write(out)
+        if now - self._opened > limits.connection_age_seconds and not self._going_away:
+            self.go_away("connection age")
         self._watchdog = self._loop.call_later(self._watch_interval, self._watch)
+
+    def _expire(self, stream: _Stream, out: list[bytes]) -> None:
+        """A call past ``request_seconds``: whatever it holds is released and the stream ended."""
+        seconds = f"{self._limits.request_seconds:g} s"
+        if stream.task is None:
+            message = f"the request did not arrive whole within {seconds}"
+            self._refuse(stream, grpc.StatusCode.DEADLINE_EXCEEDED, message, out)
+        elif not stream.answered:
+            self._refuse(stream, grpc.StatusCode.DEADLINE_EXCEEDED, f"the call did not finish within {seconds}", out)
+        else:  # the reply is waiting for a window the client does not open
+            self._abandon(stream.id, ErrorCode.CANCEL, out)
 
     # --- shutdown -----------------------------------------------------------------------------
 
-    def go_away(self) -> None:
+    def go_away(self, reason: str = "server stopping") -> None:
         """Refuse new calls (GOAWAY), finish the open ones, then close."""
-        if not self._going_away and not self._transport.is_closing():
-            self._transport.write(goaway(self._last_stream, ErrorCode.NO_ERROR, "server stopping"))
+        if self._transport is None or self.closed.is_set():
+            return
+        if not self._going_away and not self._transport.is_closing() and self._settings_seen:
+            self._transport.write(goaway(self._last_stream, ErrorCode.NO_ERROR, reason))
         self._going_away = True
+        if not self._settings_seen:
+            self._transport.close()
+            return
         self._close_if_done()
 
     def abort(self) -> None:
-        self._transport.abort()
+        if self._transport is not None:
+            self._transport.abort()
 
 
 def _unpad(payload: bytes) -> bytes:
@@ -570,29 +781,36 @@ def _unpad(payload: bytes) -> bytes:
     return payload[1 : len(payload) - payload[0]]
 
 
-def _request(headers: list[tuple[str, str]], now: float) -> tuple[Request | None, bytes | None]:
-    """The call that a request's headers open, or the header block that refuses it."""
+def _parse_call(headers: list[tuple[str, str]]) -> _Call:
+    """The call that a request's headers open; malformed (RFC 9113 8.1.1, 8.2, 8.3) or not gRPC."""
     pseudo: dict[str, str] = {}
     metadata: list[tuple[str, str]] = []
     timeout = encoding = None
     content_type = ""
+    regular = False
     for name, value in headers:
+        if FIELD_VALUE_BAD.search(value):
+            return _Call(malformed=f"header {name!r} has a value with NUL, CR or LF")
         if name.startswith(":"):
-            if metadata or name in pseudo:
-                return None, trailers_only(grpc.StatusCode.INTERNAL, "malformed request: misplaced pseudo-header")
+            if regular or name in pseudo or name not in REQUEST_PSEUDO:
+                return _Call(malformed=f"pseudo-header {name!r} misplaced, repeated or unknown")
             pseudo[name] = value
-        elif name == "content-type":
+            continue
+        regular = True
+        if not FIELD_NAME.fullmatch(name):
+            return _Call(malformed=f"header name {name!r} is not a lower-case token")
+        if name in CONNECTION_HEADERS or (name == "te" and value != "trailers"):
+            return _Call(malformed=f"connection-specific header {name!r}")
+        if name == "content-type":
             content_type = value
         elif name == "grpc-timeout":
             timeout = value
         elif name == "grpc-encoding":
             encoding = value
-        elif name in CONNECTION_HEADERS or name != name.lower():
-            return None, trailers_only(grpc.StatusCode.INTERNAL, f"malformed request: header {name!r}")
         elif name not in UNREAD_METADATA:
             metadata.append((name, value))
+    if pseudo.get(":method") != "POST" or not pseudo.get(":path") or ":scheme" not in pseudo:
+        return _Call(malformed="a gRPC call is a POST with :scheme and :path")
     if not content_type.startswith("application/grpc"):
-        return None, NOT_GRPC
-    if pseudo.get(":method") != "POST" or not pseudo.get(":path"):
-        return None, trailers_only(grpc.StatusCode.INTERNAL, "a gRPC call is a POST with a :path")
-    return Request(pseudo[":path"], metadata, timeout, encoding, now), None
+        return _Call(refusal=NOT_GRPC)
+    return _Call(pseudo[":path"], metadata, timeout, encoding)

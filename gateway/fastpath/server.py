@@ -8,8 +8,13 @@ same servicers to do the work (``bench/results/peer.md`` measures both).
 
 What it serves is a fixed table of unary methods, each the same servicer method that grpc.aio
 serves, called with a :class:`FastPathContext` in place of grpc.aio's. API keys, TLS (mutual
-too) and the message size limit are the gateway's own settings; streaming methods, compression
-and anything not in the table get a gRPC status, never a dropped connection.
+too), the message size limit and the edge limits are the gateway's own settings; streaming
+methods, encodings other than gzip and deflate, and anything not in the table get a gRPC status,
+never a dropped connection.
+
+TLS is started by each connection after its peer has been admitted (connection limits, penalty),
+with ``loop.start_tls``: a refused peer costs no handshake, and a connection still in its handshake
+counts against the limits like any other.
 """
 
 from __future__ import annotations
@@ -26,14 +31,17 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
-from gateway.fastpath.connection import Http2Connection, Limits, Reply, Request
+from gateway.fastpath.connection import Http2Connection, Reply, Request
+from gateway.fastpath.edge import Edge, Limits
 from gateway.fastpath.frames import UnknownEncodingError, grpc_message, parse_timeout
-from gateway.server.auth import Tenants
+from gateway.server.auth import Tenants, bind_tenant
+from gateway.server.ratelog import RateLimitedLog
 from gateway.settings import TlsSettings
 from gateway.status import status_for
 from models.errors import HegateError
 
 logger = logging.getLogger(__name__)
+failures = RateLimitedLog(logger, per_second=1.0, burst=10)  # a request can trigger one; a flood must not flood the log
 
 
 class FastPathAbort(grpc.aio.AbortError):
@@ -96,35 +104,43 @@ class FastPathServer:
 
     def __init__(self, table: dict[str, Route], tenants: Tenants, limits: Limits, tls: TlsSettings | None) -> None:
         self._table = table
-        self._tenants = tenants
         self._limits = limits
         self._ssl = server_ssl_context(tls) if tls is not None else None
-        self._connections: set[Http2Connection] = set()
+        self.edge = Edge(limits, tenants)
+
+    @property
+    def _connections(self) -> set[Http2Connection]:
+        return self.edge.connections
 
     async def start(self, address: str) -> int:
         host, _, port = address.rpartition(":")
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: Http2Connection(self.handle, self._limits, self._connections),
+            lambda: Http2Connection(self.handle, self.edge, self._ssl),
             host.strip("[]"),
             int(port),
-            ssl=self._ssl,
             reuse_address=True,
+            backlog=1024,
         )
         return self._server.sockets[0].getsockname()[1]
 
     async def handle(self, request: Request) -> Reply:
-        """One call, start to end: route, admit, parse, run; every failure becomes a status."""
+        """One call, start to end: route, parse, run; every failure becomes a status. The key
+        was checked on the call's HEADERS: its tenant arrives with the request."""
         route = self._table.get(request.path)
         if route is None:
             return Reply(grpc.StatusCode.UNIMPLEMENTED, f"{request.path} is not served on the fast path")
+        if request.tenant is not None:
+            bind_tenant(request.tenant)
         try:
             timeout = None
             if request.timeout is not None:  # counted from the call's headers, not from here
                 elapsed = asyncio.get_running_loop().time() - request.received_at
-                timeout = max(0.0, parse_timeout(request.timeout) - elapsed)
-            self._tenants.admit(request.path, request.metadata)
+                timeout = parse_timeout(request.timeout) - elapsed
+                if timeout <= 0:
+                    return Reply(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call started")
             message = route.parse(grpc_message(request.body, request.encoding, self._limits.max_message_bytes))
+            del request.body[:]  # parsed: its bytes are not needed while the call runs
         except UnknownEncodingError as exc:
             return Reply(grpc.StatusCode.UNIMPLEMENTED, str(exc))
         except HegateError as exc:  # a refused key, a malformed or oversized message
@@ -140,7 +156,7 @@ class FastPathServer:
         except TimeoutError:
             return Reply(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
         except Exception:
-            logger.exception("fast path: %s failed", request.path)
+            failures.exception("fast path: %s failed", request.path)
             return Reply(grpc.StatusCode.INTERNAL, "internal error; it has been logged")
 
     async def stop(self, grace: float) -> None:

@@ -4,9 +4,19 @@ path, started and stopped together.
 Start: load and compile every model, start the workers (each loads the encrypted plans), open
 the gRPC port (Open Inference Protocol, hegate.v1, health, reflection), the fast path port (the
 Open Inference Protocol and health checks on :mod:`gateway.fastpath`, the same servicers) and
-the metrics port. Stop (SIGTERM, SIGINT or :meth:`Gateway.stop`): health turns NOT_SERVING, both
-servers stop accepting calls and give in-flight ones ``grace_seconds`` to finish, then the
-workers stop.
+the metrics port. Both ports enforce the gateway's edge limits (``settings.limits``): the fast
+path itself (:mod:`gateway.fastpath.edge`), the grpc.aio port through C-core's options and an
+interceptor (:mod:`gateway.server.guard`). Stop (SIGTERM, SIGINT or :meth:`Gateway.stop`): health
+turns NOT_SERVING, the fast path sends GOAWAY, the grpc.aio port first matches the calls that have
+reached it (:meth:`~gateway.server.guard.EdgeInterceptor.drain`), both give in-flight calls
+``grace_seconds`` to finish, then the workers stop.
+
+Why one event loop for both ports, not a thread or a process each: a thread shares the GIL, so a
+flood on one port would still take the other's time, only less predictably; a process of its own
+would load every model twice and split the metrics. What made one port starve the other (issue
+14: 1.9 -> 240 ms on the grpc.aio port during a frame flood on the fast path) was a flood that
+the fast path kept reading; with its frame budgets and the penalty box a flood is cut off after a
+few dozen frames, and ``bench/hostile.py`` measures both ports' latency while one is attacked.
 """
 
 from __future__ import annotations
@@ -22,10 +32,11 @@ from grpc_reflection.v1alpha import reflection
 
 from gateway.api import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc, hegate_v1_pb2, hegate_v1_pb2_grpc
 from gateway.fastpath import FastPathServer, routes
-from gateway.fastpath.connection import Limits
+from gateway.fastpath.edge import Limits
 from gateway.keystore import InMemoryKeyStore
-from gateway.server.auth import ApiKeyInterceptor, Tenants
+from gateway.server.auth import Tenants
 from gateway.server.encrypted import EncryptedServicer, stored_keys
+from gateway.server.guard import EdgeInterceptor, server_options
 from gateway.server.inference import InferenceServicer
 from gateway.server.metrics import GatewayMetrics
 from gateway.server.serving import ModelStore
@@ -81,14 +92,20 @@ class Gateway:
             on_restart=self.metrics.worker_restarts.inc,
         )
         await self.pool.start()
-        options = [
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.so_reuseport", 0),  # a second gateway on the same port must fail, not share it
-        ]
         tenants = Tenants(settings.api_keys)
-        self.server = grpc.aio.server(interceptors=[ApiKeyInterceptor(tenants)], options=options)
-        inference = InferenceServicer(self.store, self.metrics, max_batch=settings.max_batch, ready=self.ready)
+        self.guard = EdgeInterceptor(tenants, settings.limits)
+        self.server = grpc.aio.server(
+            interceptors=[self.guard],
+            options=server_options(settings.limits, settings.max_message_bytes),
+            maximum_concurrent_rpcs=settings.limits.max_calls,
+        )
+        inference = InferenceServicer(
+            self.store,
+            self.metrics,
+            max_batch=settings.max_batch,
+            ready=self.ready,
+            allow_non_finite=settings.allow_non_finite_inputs,
+        )
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, self.server)
         hegate_v1_pb2_grpc.add_EncryptedInferenceServicer_to_server(
             EncryptedServicer(self.store, self.keys, self.pool, self.metrics, queue_limit=settings.queue_limit),
@@ -107,7 +124,8 @@ class Gateway:
         if settings.fast_path_port is not None:
             table = routes(inference, grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"])
             table |= routes(self.health, health_pb2.DESCRIPTOR.services_by_name["Health"])
-            self.fast_path = FastPathServer(table, tenants, Limits(settings.max_message_bytes), settings.tls)
+            limits = Limits(**settings.limits.model_dump(), max_message_bytes=settings.max_message_bytes)
+            self.fast_path = FastPathServer(table, tenants, limits, settings.tls)
             host = settings.address.rpartition(":")[0]
             self.fast_path_port = await self.fast_path.start(f"{host}:{settings.fast_path_port}")
         for service in ("", *SERVICES):
@@ -145,8 +163,15 @@ class Gateway:
         logger.info("stopping: finishing in-flight requests (grace %.1f s)", self.settings.grace_seconds)
         await self.health.enter_graceful_shutdown()
         self._expiry.cancel()
-        servers = [self.server, *([self.fast_path] if self.fast_path else [])]
-        await asyncio.gather(*(server.stop(self.settings.grace_seconds) for server in servers))
+        grace = self.settings.grace_seconds
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+
+        async def stop_grpc() -> None:
+            await self.guard.drain(grace / 2)
+            await self.server.stop(max(0.0, grace - (loop.time() - started)))
+
+        await asyncio.gather(stop_grpc(), *([self.fast_path.stop(grace)] if self.fast_path else []))
         await self.pool.close()
         self.metrics.close()
         self._stopped.set()

@@ -10,6 +10,7 @@ response's parameters.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ from gateway.api import grpc_predict_v2_pb2_grpc as pb_grpc
 from gateway.server.metrics import GatewayMetrics
 from gateway.server.rpc import rpc
 from gateway.server.serving import ModelStore
-from gateway.server.tensors import inputs_from_request, output_tensor
+from gateway.server.tensors import inputs_from_request, output_tensor, require_finite
 from gateway.status import status_for
 from models.errors import HegateError, InvalidArgumentError
 from models.manifest import DPRecord
@@ -83,11 +84,18 @@ def privacy_parameters(dp: DPRecord) -> dict[str, pb.InferParameter]:
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
-        self, store: ModelStore, metrics: GatewayMetrics, *, max_batch: int, ready: Callable[[], bool]
+        self,
+        store: ModelStore,
+        metrics: GatewayMetrics,
+        *,
+        max_batch: int,
+        ready: Callable[[], bool],
+        allow_non_finite: bool = False,
     ) -> None:
         self.store = store
         self.metrics = metrics
         self.max_batch = max_batch
+        self.allow_non_finite = allow_non_finite
         self._ready = ready
 
     @rpc
@@ -135,11 +143,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         model = self.store.get(request.model_name, request.model_version)
         with observed(self.metrics, model.name, "plaintext"):
             manifest = model.artifact.manifest
-            inputs = inputs_from_request(request)
+            inputs = inputs_from_request(request, max_elements=self.max_batch * math.prod(manifest.input.shape))
             if list(inputs) != [manifest.input.name]:
                 raise InvalidArgumentError(
                     f"model {model.name!r} takes one input named {manifest.input.name!r}, got {sorted(inputs)}"
                 )
+            if not self.allow_non_finite:
+                require_finite(manifest.input.name, inputs[manifest.input.name])
             wanted = [output.name for output in request.outputs]
             if any(name != manifest.output.name for name in wanted):
                 raise InvalidArgumentError(f"model {model.name!r} has one output, {manifest.output.name!r}")

@@ -7,6 +7,13 @@ nothing here trusts a length, a shape or a value range: each mismatch becomes an
 :class:`~models.errors.InvalidArgumentError` whose message names the input, what was expected
 and what came, and numpy only ever sees data whose size has already been checked.
 
+Sizes are checked before anything is allocated: every dimension and the element count must be at
+most ``max_elements`` (the servicer passes ``max_batch`` times the model's input size), so a shape
+such as ``[0, 2**63 - 1, 28, 28]``, which holds no element but cannot be represented, is an
+INVALID_ARGUMENT like any other, never an exception from numpy. NaN and infinite values are refused
+by :func:`require_finite` (the servicer calls it unless ``allow_non_finite_inputs`` is set): a
+quantized model would map them to an arbitrary grid value and answer something meaningless.
+
 Responses always use ``raw_output_contents``: it is what tritonclient reads, and it is the
 cheapest encoding for the server to produce.
 """
@@ -79,11 +86,19 @@ _NAME_BY_KIND: Mapping[tuple[str, int], str] = {
 }
 
 
-def _shape(tensor: InputTensor) -> list[int]:
-    """The declared shape, refused if any dimension is negative (-1 only means "any" in metadata)."""
+DEFAULT_MAX_ELEMENTS = (1 << 31) - 1  # what any numpy index holds; servicers pass their own, smaller bound
+
+
+def _shape(tensor: InputTensor, max_elements: int) -> list[int]:
+    """The declared shape, refused if any dimension is negative (-1 only means "any" in metadata),
+    or if a dimension or the element count exceeds ``max_elements``."""
     shape = list(tensor.shape)
     if any(dim < 0 for dim in shape):
         raise InvalidArgumentError(f"input {tensor.name!r}: shape {shape} has a negative dimension")
+    if any(dim > max_elements for dim in shape) or math.prod(shape) > max_elements:
+        raise InvalidArgumentError(
+            f"input {tensor.name!r}: shape {shape} exceeds the {max_elements} elements a request may carry"
+        )
     return shape
 
 
@@ -153,14 +168,14 @@ def _from_contents(tensor: InputTensor, spec: Datatype, shape: list[int]) -> np.
     return wide.astype(target).reshape(shape)
 
 
-def input_array(tensor: InputTensor, raw: bytes | None) -> np.ndarray:
+def input_array(tensor: InputTensor, raw: bytes | None, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> np.ndarray:
     """Decode one input tensor into a writable, native-byte-order array of its declared shape.
 
     ``raw`` is the input's entry of ``raw_input_contents`` (``None`` when the request sends typed
     contents instead). Any inconsistency raises :class:`InvalidArgumentError`.
     """
     spec = _lookup(tensor)
-    shape = _shape(tensor)
+    shape = _shape(tensor, max_elements)
     if raw is None:
         return _from_contents(tensor, spec, shape)
     if tensor.contents.ListFields():
@@ -170,8 +185,11 @@ def input_array(tensor: InputTensor, raw: bytes | None) -> np.ndarray:
     return _from_raw(tensor, spec, shape, raw)
 
 
-def inputs_from_request(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
-    """Decode every input of a request, keyed by name, in request order.
+def inputs_from_request(
+    request: pb.ModelInferRequest, *, max_elements: int = DEFAULT_MAX_ELEMENTS
+) -> dict[str, np.ndarray]:
+    """Decode every input of a request, keyed by name, in request order; each input may hold at
+    most ``max_elements`` elements.
 
     Raw contents are all-or-nothing: when ``raw_input_contents`` is used it holds exactly one
     entry per input, since entries are matched to inputs by position only.
@@ -188,8 +206,21 @@ def inputs_from_request(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
             raise InvalidArgumentError(f"input at position {index} has no name")
         if tensor.name in arrays:
             raise InvalidArgumentError(f"input {tensor.name!r} appears more than once")
-        arrays[tensor.name] = input_array(tensor, raw[index] if raw else None)
+        arrays[tensor.name] = input_array(tensor, raw[index] if raw else None, max_elements=max_elements)
     return arrays
+
+
+def require_finite(name: str, array: np.ndarray) -> None:
+    """Refuse NaN and infinite values in a floating-point input.
+
+    Raises:
+        InvalidArgumentError: naming the input and the first offending position.
+    """
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        position = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
+        raise InvalidArgumentError(
+            f"input {name!r}: {array[position]} at {list(position)}; inputs must be finite numbers"
+        )
 
 
 def output_tensor(name: str, array: np.ndarray) -> tuple[OutputTensor, bytes]:
