@@ -153,7 +153,7 @@ class Http2Connection(asyncio.Protocol):
         self._settings_seen = False
         self._decoder = hpack.Decoder()
         self._decoder.max_header_list_size = HPACK_HARD_LIMIT * self._limits.max_header_bytes
-        self._cached_block: bytes | None = None  # see _decode
+        self._cached_block: bytes | None = None  # see _call
         self._cached_call: _Call | None = None
         self._streams: dict[int, _Stream] = {}
         self._blocked: dict[int, _Stream] = {}  # streams with reply data waiting for window
