@@ -1,5 +1,6 @@
-"""Every client of a real gateway: the asyncio SDK (same answers as the blocking one), gRPC
-reflection, and the command line (``hegate models --target``, ``hegate infer``)."""
+"""Every client of a real gateway: the asyncio SDK (same answers as the blocking one), the key id
+header and re-registration after NOT_FOUND (through a recording proxy), gRPC reflection, and the
+command line (``hegate models --target``, ``hegate infer``)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from importlib import resources
 import numpy as np
 import pytest
 from gateway_harness import HEGATE, GatewayProcess, small_repository
+from grpc_proxy import GrpcProxy
 
+from gateway.api import hegate_v1_pb2 as hv1
 from gateway.client import AsyncHegateClient, HegateClient
-from gateway.client.protocol import encrypted_request
+from gateway.client.protocol import KEY_ID_HEADER, encrypted_request
 from gateway.he.client import logit_grid
-from models.errors import InvalidArgumentError, NotFoundError
+from models.errors import InternalError, InvalidArgumentError, NotFoundError
 
 MODEL = "breast-cancer-linear-eps3"
 
@@ -99,6 +102,90 @@ def test_async_sessions_choose_their_profile_and_requests_their_backend(gateway)
     np.testing.assert_allclose(
         logits, plain, atol=spec.logit_error_bound + logit_grid(bound=spec.logit_error_bound) / 2
     )
+
+
+def _key_ids(proxy: GrpcProxy, method: str) -> list[str | None]:
+    return [call.metadata.get(KEY_ID_HEADER) for call in proxy.of(method)]
+
+
+def test_every_keyed_call_names_its_key_id_and_lost_keys_are_registered_again_once(gateway, caplog):
+    """The header reaches the server on RegisterKeys (computed before the upload), Infer and
+    DeleteKeys; keys deleted behind the session's back are registered again, once, and the call
+    succeeds."""
+    x = np.random.default_rng(2).normal(size=(3, 30)).astype(np.float32)
+    with (
+        GrpcProxy(gateway.target) as proxy,
+        HegateClient(proxy.target) as client,
+        HegateClient(gateway.target) as admin,
+    ):
+        expected = client.predict(MODEL, x)
+        session = client.encrypted_session(MODEL)
+        first = session.key_id
+        assert _key_ids(proxy, "RegisterKeys") == [first] and session.registrations == 1
+        session.predict(x)
+        assert _key_ids(proxy, "Infer") == [first]
+        assert admin.delete_keys(first) is True  # another client object of the same tenant
+        with caplog.at_level(logging.WARNING, logger="gateway.client.sync"):
+            result = session.predict(x)
+        np.testing.assert_allclose(
+            result.logits, expected, atol=session.spec.logit_error_bound + session.keys.logit_grid
+        )
+        assert session.registrations == 2 and session.key_id != first  # fresh keys from the same secret key
+        assert _key_ids(proxy, "RegisterKeys") == [first, session.key_id]
+        assert _key_ids(proxy, "Infer") == [first, first, session.key_id]  # NOT_FOUND, then the retry
+        assert sum("registering keys again" in r.getMessage() for r in caplog.records) == 1
+        session.predict(x)  # no further registration
+        session.close()
+        assert session.registrations == 2 and _key_ids(proxy, "DeleteKeys") == [session.key_id]
+        assert admin.delete_keys(session.key_id) is False  # the session's close reached the gateway
+        assert all(KEY_ID_HEADER not in call.metadata for call in proxy.of("ListModels") + proxy.of("ModelInfer"))
+
+
+def test_a_second_not_found_surfaces_after_one_registration(gateway):
+    x = np.zeros((1, 30), np.float32)
+    with GrpcProxy(gateway.target) as proxy, HegateClient(proxy.target) as client:
+        session = client.encrypted_session(MODEL)
+        proxy.faults.refuse["Infer"] = None  # every Infer: NOT_FOUND
+        with pytest.raises(NotFoundError):
+            session.predict(x)
+        assert session.registrations == 2 and len(proxy.of("Infer")) == 2 and len(proxy.of("RegisterKeys")) == 2
+        proxy.faults.refuse.clear()
+        session.close()
+
+
+def test_a_key_id_the_sdk_did_not_compute_is_refused(gateway):
+    def other_id(response: bytes) -> bytes:
+        message = hv1.RegisterKeysResponse.FromString(response)
+        message.key_id = "k2-" + "0" * 64
+        return message.SerializeToString()
+
+    with GrpcProxy(gateway.target) as proxy, HegateClient(proxy.target) as client:
+        proxy.faults.rewrite["RegisterKeys"] = other_id
+        with pytest.raises(InternalError, match="key id scheme differs"):
+            client.encrypted_session(MODEL)
+
+
+def test_async_sessions_register_again_once_for_all_calls_in_flight(gateway):
+    """Two ciphertexts in flight both meet NOT_FOUND: one re-registration, each call retried once."""
+    x = np.random.default_rng(3).normal(size=(100, 30)).astype(np.float32)  # 64 per ciphertext: two calls
+
+    async def run(proxy: GrpcProxy):
+        async with (
+            AsyncHegateClient(proxy.target) as client,
+            AsyncHegateClient(gateway.target) as admin,
+            await client.encrypted_session(MODEL) as session,
+        ):
+            first = session.key_id
+            assert await admin.delete_keys(first) is True
+            result = await session.predict(x)
+            return first, session, result
+
+    with GrpcProxy(gateway.target) as proxy:
+        first, session, result = asyncio.run(run(proxy))
+        assert result.logits.shape == (100, 2) and session.registrations == 2
+        assert _key_ids(proxy, "RegisterKeys") == [first, session.key_id]
+        assert sorted(_key_ids(proxy, "Infer")) == sorted([first, first, session.key_id, session.key_id])
+        assert _key_ids(proxy, "DeleteKeys") == [session.key_id]
 
 
 def test_reflection_lists_every_service(gateway):

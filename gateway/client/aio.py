@@ -7,6 +7,7 @@ serving (TenSEAL holds the GIL, so they do not run in parallel with each other).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import grpc
@@ -24,6 +25,7 @@ from gateway.client.protocol import (
     Progress,
     Timings,
     batches,
+    checked_key_id,
     encrypted_request,
     infer_request,
     key_chunks,
@@ -34,9 +36,13 @@ from gateway.client.protocol import (
     spec_of,
     spec_request,
     translated_errors,
+    upload_key_id,
 )
 from gateway.he.client import ClientKeys, DecryptedLogits
 from gateway.he.plan import EncryptionSpec
+from models.errors import NotFoundError
+
+logger = logging.getLogger(__name__)
 
 
 class AsyncHegateClient:
@@ -86,6 +92,15 @@ class AsyncHegateClient:
         await session.register(progress, profile=profile)
         return session
 
+    async def delete_keys(self, key_id: str) -> bool:
+        """Delete this tenant's key set ``key_id`` from the gateway; False if it held none such."""
+        request = hv1.DeleteKeysRequest(key_id=key_id)
+        with translated_errors():
+            response = await self._hegate.DeleteKeys(
+                request, metadata=self.options.keyed_metadata(key_id), timeout=self.options.timeout_seconds
+            )
+        return response.deleted
+
     async def close(self) -> None:
         await self.channel.close()
         if self._fast_channel is not None:
@@ -99,24 +114,64 @@ class AsyncHegateClient:
 
 
 class AsyncEncryptedSession:
+    """Like :class:`~gateway.client.sync.EncryptedSession`: the key id header on every call, and
+    one re-registration and one retry after NOT_FOUND, shared by the calls in flight at the time."""
+
     def __init__(self, client: AsyncHegateClient, model: ModelInfo) -> None:
         self.client = client
         self.model = model
+        self.closed = False  # closed sessions never register again: their keys were deleted on purpose
+        self.registrations = 0
+        self._lock = asyncio.Lock()
 
     async def register(self, progress: Progress | None = None, *, profile: str | None = None) -> None:
         self.spec = await self.client.spec(self.model.name, self.model.version, profile)
         self.keys = await asyncio.to_thread(ClientKeys, self.spec)
+        self._progress = progress
+        await self._register()
+
+    async def _register(self) -> None:
         uploaded = await asyncio.to_thread(session_keys, self.keys)
-        self.key_bytes = sum(map(len, uploaded))
+        key_id = upload_key_id(self.model, self.spec, uploaded)
+        options = self.client.options
         started = time.perf_counter()
         with translated_errors():
             response = await self.client._hegate.RegisterKeys(
-                key_chunks(self.model, self.spec, uploaded, progress),
-                metadata=self.client.options.metadata,
-                timeout=self.client.options.timeout_seconds,
+                key_chunks(self.model, self.spec, uploaded, self._progress),
+                metadata=options.keyed_metadata(key_id),
+                timeout=options.timeout_seconds,
             )
         self.registration_seconds = time.perf_counter() - started
-        self.key_id = response.key_id
+        self.key_id = checked_key_id(sent=key_id, returned=response.key_id)
+        self.key_bytes = sum(map(len, uploaded))
+        self.registrations += 1
+
+    async def _infer(self, ciphertext: bytes, count: int):
+        key_id = self.key_id
+        try:
+            return await self._infer_with(key_id, ciphertext, count)
+        except NotFoundError:
+            if self.closed:
+                raise
+            async with self._lock:
+                if self.key_id == key_id:  # the first call in flight to see NOT_FOUND re-registers
+                    logger.warning(
+                        "the gateway no longer holds key set %s of %s (expired, evicted, deleted, or a replica "
+                        "that never saw it): registering keys again",
+                        key_id,
+                        self.model.name,
+                    )
+                    await self._register()
+            return await self._infer_with(self.key_id, ciphertext, count)
+
+    async def _infer_with(self, key_id: str, ciphertext: bytes, count: int):
+        options = self.client.options
+        with translated_errors():
+            return await self.client._hegate.Infer(
+                encrypted_request(self.model, key_id, ciphertext, count),
+                metadata=options.keyed_metadata(key_id),
+                timeout=options.timeout_seconds,
+            )
 
     @property
     def lanes(self) -> int:
@@ -126,8 +181,7 @@ class AsyncEncryptedSession:
         started = time.perf_counter()
         ciphertext = await asyncio.to_thread(self.keys.encrypt, batch)
         encrypted = time.perf_counter()
-        request = encrypted_request(self.model, self.key_id, ciphertext, len(batch))
-        response = await self.client._call(self.client._hegate.Infer, request)
+        response = await self._infer(ciphertext, len(batch))
         called = time.perf_counter()
         decrypted = await asyncio.to_thread(self.keys.decrypt_classified, response.ciphertext, len(batch))
         server = response.timings
@@ -147,7 +201,8 @@ class AsyncEncryptedSession:
         )
 
     async def close(self) -> None:
-        await self.client._call(self.client._hegate.DeleteKeys, hv1.DeleteKeysRequest(key_id=self.key_id))
+        self.closed = True
+        await self.client.delete_keys(self.key_id)
 
     async def __aenter__(self) -> AsyncEncryptedSession:
         return self

@@ -20,12 +20,18 @@ from gateway.api import hegate_v1_pb2 as hv1
 from gateway.client.inputs import InputRange
 from gateway.he.client import ClientKeys
 from gateway.he.plan import EncryptionSpec
+from gateway.keystore.base import key_id_for
 from gateway.server.auth import API_KEY_HEADER
 from gateway.status import error_for
-from models.errors import InvalidArgumentError, NotFoundError
+from models.errors import InternalError, InvalidArgumentError, NotFoundError
 from models.manifest import Manifest
 
 CHUNK_BYTES = 1 << 20  # key upload chunks: well under any server's message limit
+KEY_ID_HEADER = "hegate-key-id"
+"""Request metadata naming the key set a call uses (RegisterKeys, Infer, DeleteKeys), so that an L7
+balancer can hash on it and send every call of a key set to the replica that holds it
+(``deploy/nginx/``: ``hash $http_hegate_key_id consistent``). Key ids are public-key fingerprints,
+not secrets (see :mod:`gateway.keystore.base`), so a balancer's logs may show them."""
 Progress = Callable[[int, int], None]  # (bytes sent, bytes in all)
 
 
@@ -48,6 +54,10 @@ class ClientOptions(BaseModel):
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return ((API_KEY_HEADER, self.api_key),) if self.api_key else ()
+
+    def keyed_metadata(self, key_id: str) -> tuple[tuple[str, str], ...]:
+        """:attr:`metadata` and the key id header (:data:`KEY_ID_HEADER`)."""
+        return (*self.metadata, (KEY_ID_HEADER, key_id))
 
     @property
     def channel_options(self) -> list[tuple[str, int]]:
@@ -243,6 +253,36 @@ def session_keys(keys: ClientKeys) -> tuple[bytes, bytes, bytes]:
     profile is circuit_private (the other profiles refuse one)."""
     relin, galois = keys.evaluation_keys()
     return relin, galois, keys.public_key() if keys.spec.circuit_privacy is not None else b""
+
+
+def upload_key_id(model: ModelInfo, spec: EncryptionSpec, keys: tuple[bytes, bytes, bytes]) -> str:
+    """The id the gateway will file ``keys`` under: a content hash, computed here before the upload
+    so that RegisterKeys already carries it in :data:`KEY_ID_HEADER` (a balancer routes the upload
+    to the replica that later serves the key set's calls)."""
+    relin, galois, public = keys
+    return key_id_for(
+        model_name=model.name,
+        model_version=model.version,
+        relin=relin,
+        galois=galois,
+        profile=spec.precision,
+        public_key=public,
+    )
+
+
+def checked_key_id(*, sent: str, returned: str) -> str:
+    """The registered key id, once the gateway's answer agrees with the id the upload was routed by.
+
+    Raises:
+        InternalError: the gateway hashed the keys to another id (its key id scheme is not this
+            SDK's), so a balancer would send this key set's calls to a replica chosen by the wrong id.
+    """
+    if returned != sent:
+        raise InternalError(
+            f"the gateway registered the keys as {returned!r}, but this SDK computed {sent!r}: "
+            "the gateway's key id scheme differs from the SDK's (upgrade one of them)"
+        )
+    return returned
 
 
 def encrypted_request(model: ModelInfo, key_id: str, ciphertext: bytes, count: int) -> hv1.InferRequest:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 
 import grpc
@@ -19,6 +21,7 @@ from gateway.client.protocol import (
     Progress,
     Timings,
     batches,
+    checked_key_id,
     encrypted_request,
     infer_request,
     key_chunks,
@@ -29,9 +32,13 @@ from gateway.client.protocol import (
     spec_of,
     spec_request,
     translated_errors,
+    upload_key_id,
 )
 from gateway.he.client import ClientKeys
 from gateway.he.plan import EncryptionSpec
+from models.errors import NotFoundError
+
+logger = logging.getLogger(__name__)
 
 
 class HegateClient:
@@ -86,6 +93,15 @@ class HegateClient:
         "circuit_private"; None: the gateway's default) and register them (once)."""
         return EncryptedSession(self, self.model(model, version), profile=profile, progress=progress)
 
+    def delete_keys(self, key_id: str) -> bool:
+        """Delete this tenant's key set ``key_id`` from the gateway; False if it held none such."""
+        request = hv1.DeleteKeysRequest(key_id=key_id)
+        with translated_errors():
+            response = self._hegate.DeleteKeys(
+                request, metadata=self.options.keyed_metadata(key_id), timeout=self.options.timeout_seconds
+            )
+        return response.deleted
+
     def close(self) -> None:
         self.channel.close()
         if self._fast_channel is not None:
@@ -99,7 +115,18 @@ class HegateClient:
 
 
 class EncryptedSession:
-    """A secret key that stays here, its evaluation keys registered on the gateway, and calls."""
+    """A secret key that stays here, its evaluation keys registered on the gateway, and calls.
+
+    Every call names its key set in the ``hegate-key-id`` header (:data:`~gateway.client.protocol.KEY_ID_HEADER`),
+    the upload included, so a balancer sends them all to one replica. When the gateway answers an
+    Infer with NOT_FOUND (the keys expired, were evicted or deleted, or the call reached a replica
+    that never saw them), the session registers fresh evaluation keys made from the same secret key
+    once and retries the call once; a second NOT_FOUND is raised, as is any after :meth:`close`.
+    Fresh keys, not the first upload's bytes: keeping those would hold 27.6 MiB per session of the
+    default model for a rare event, and making them again took 0.54-0.75 s here (three runs,
+    2026-12-03). A NOT_FOUND for the model itself (a replica that does not serve it) costs one
+    useless upload before it surfaces.
+    """
 
     def __init__(
         self, client: HegateClient, model: ModelInfo, *, profile: str | None = None, progress: Progress | None = None
@@ -108,17 +135,56 @@ class EncryptedSession:
         self.model = model
         self.spec = client.spec(model.name, model.version, profile)
         self.keys = ClientKeys(self.spec)
+        self.closed = False  # closed sessions never register again: their keys were deleted on purpose
+        self.registrations = 0  # key uploads so far: 1, plus one per re-registration after NOT_FOUND
+        self._progress = progress
+        self._lock = threading.Lock()
+        self._register()
+
+    def _register(self) -> None:
         uploaded = session_keys(self.keys)
-        self.key_bytes = sum(map(len, uploaded))
+        key_id = upload_key_id(self.model, self.spec, uploaded)
+        options = self.client.options
         started = time.perf_counter()
         with translated_errors():
-            response = client._hegate.RegisterKeys(
-                key_chunks(model, self.spec, uploaded, progress),
-                metadata=client.options.metadata,
-                timeout=client.options.timeout_seconds,
+            response = self.client._hegate.RegisterKeys(
+                key_chunks(self.model, self.spec, uploaded, self._progress),
+                metadata=options.keyed_metadata(key_id),
+                timeout=options.timeout_seconds,
             )
         self.registration_seconds = time.perf_counter() - started
-        self.key_id = response.key_id
+        self.key_id = checked_key_id(sent=key_id, returned=response.key_id)
+        self.key_bytes = sum(map(len, uploaded))
+        self.registrations += 1
+
+    def _infer(self, ciphertext: bytes, count: int):
+        """One Infer; on NOT_FOUND the keys are registered again (once, whichever thread got there
+        first) and the call is sent once more."""
+        key_id = self.key_id
+        try:
+            return self._infer_with(key_id, ciphertext, count)
+        except NotFoundError:
+            if self.closed:
+                raise
+            with self._lock:
+                if self.key_id == key_id:  # no other thread has re-registered since this call began
+                    logger.warning(
+                        "the gateway no longer holds key set %s of %s (expired, evicted, deleted, or a replica "
+                        "that never saw it): registering keys again",
+                        key_id,
+                        self.model.name,
+                    )
+                    self._register()
+            return self._infer_with(self.key_id, ciphertext, count)
+
+    def _infer_with(self, key_id: str, ciphertext: bytes, count: int):
+        client = self.client
+        with translated_errors():
+            return client._hegate.Infer(
+                encrypted_request(self.model, key_id, ciphertext, count),
+                metadata=client.options.keyed_metadata(key_id),
+                timeout=client.options.timeout_seconds,
+            )
 
     @property
     def lanes(self) -> int:
@@ -133,9 +199,7 @@ class EncryptedSession:
             started = time.perf_counter()
             ciphertext = self.keys.encrypt(batch)
             encrypted = time.perf_counter()
-            response = self.client._call(
-                self.client._hegate.Infer, encrypted_request(self.model, self.key_id, ciphertext, len(batch))
-            )
+            response = self._infer(ciphertext, len(batch))
             called = time.perf_counter()
             decrypted = self.keys.decrypt_classified(response.ciphertext, len(batch))
             logits.append(decrypted.logits)
@@ -157,8 +221,9 @@ class EncryptedSession:
         )
 
     def close(self) -> None:
-        """Delete the keys from the gateway."""
-        self.client._call(self.client._hegate.DeleteKeys, hv1.DeleteKeysRequest(key_id=self.key_id))
+        """Delete the keys from the gateway; later calls fail with NOT_FOUND."""
+        self.closed = True
+        self.client.delete_keys(self.key_id)
 
     def __enter__(self) -> EncryptedSession:
         return self
