@@ -189,7 +189,8 @@ class Cluster:
     """``replicas`` gateways behind one nginx; ``args``: extra ``hegate serve`` flags for every replica.
 
     ``Cluster(root, repository).start()``; clients use :attr:`target` and :attr:`fast_path_target`.
-    :meth:`kill` and :meth:`start_replica` take one replica down and up again on its own ports.
+    :meth:`kill` and :meth:`start_replica` take one replica down and up again on its own ports;
+    :meth:`stop` then :meth:`start` restarts everything, nginx included, where it was.
     """
 
     def __init__(

@@ -176,3 +176,18 @@ def test_calls_go_on_when_a_replica_dies(cluster):
         assert all(cluster.index_of(c.upstreams[-1]) == 1 for c in calls)
         assert [c.method for c in calls if c.grpc_status not in ("0", "-")] == ["Infer"]  # the NOT_FOUND
     cluster.start_replica(0)
+
+
+def test_the_whole_cluster_restarts_on_its_ports(cluster):
+    """What the shared-store test does after the merge: stop nginx and every replica, start them
+    again where they were, and call with a session made before. With in-memory stores the keys
+    died with the replicas, so the session registers them once more."""
+    x = np.random.default_rng(4).normal(size=(2, 30)).astype(np.float32)
+    with HegateClient(cluster.target) as client:
+        session = client.encrypted_session(MODEL)
+        session.predict(x)
+        assert cluster.stop() == [0, 0]
+        cluster.start()
+        session.predict(x)
+        assert session.registrations == 2
+        session.close()
