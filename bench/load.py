@@ -23,7 +23,7 @@ import numpy as np
 
 from bench.loadgen import LoadGenerators, LoadSpec
 from gateway.client import HegateClient
-from gateway.client.protocol import encrypted_request, infer_request
+from gateway.client.protocol import ClientOptions, encrypted_request, infer_request
 from gateway.client.sync import EncryptedSession
 from gateway.he.params import PROFILES
 from models.errors import InvalidArgumentError
@@ -50,6 +50,11 @@ class Workload:
     path: str  # "plaintext", "plaintext (<backend>)", or "encrypted (<profile>), keys <id>"
     key_bytes: int = 0  # evaluation keys registered for the encrypted path
     session: EncryptedSession | None = None  # close it to delete the keys from the gateway
+
+    def metadata(self, options: ClientOptions) -> tuple[tuple[str, str], ...]:
+        """Every call's metadata: the API key, and on the encrypted path the key id header, so that
+        a balancer in front of replicas sends the calls to the replica holding the keys."""
+        return options.keyed_metadata(self.session.key_id) if self.session else options.metadata
 
 
 def workload(
@@ -117,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
                 in_flight=in_flight,
                 generators=min(args.generators, in_flight),
                 rate=value if kind == "rate" else None,
-                metadata=client.options.metadata,
+                metadata=work.metadata(client.options),
                 timeout_seconds=args.timeout,
             )
             with LoadGenerators(spec) as generators:

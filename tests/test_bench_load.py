@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from gateway_harness import HEGATE, GatewayProcess, small_repository
 
-from bench.load import PLAINTEXT_METHOD
+from bench.load import PLAINTEXT_METHOD, Workload, workload
 from bench.loadgen import LoadGenerators, LoadSpec
 from gateway.api.grpc_predict_v2_pb2 import ModelInferRequest
 from gateway.client import HegateClient
-from gateway.client.protocol import infer_request
+from gateway.client.protocol import KEY_ID_HEADER, infer_request
 
 MODEL = "breast-cancer-linear-eps3"
 
@@ -99,3 +99,14 @@ def test_cli_reports_levels_and_errors(gateway, tmp_path):
         [*command, "--fast-path", gateway.fast_path_target], capture_output=True, text=True, timeout=300, check=False
     )
     assert encrypted.returncode == 2 and "--plaintext" in encrypted.stderr
+
+
+def test_encrypted_load_names_its_key_set_for_a_balancer(gateway):
+    with HegateClient(gateway.target, api_key="k") as client:
+        work = workload(client, MODEL, plaintext=False, batch=1)
+        try:
+            assert work.metadata(client.options) == (("x-api-key", "k"), (KEY_ID_HEADER, work.session.key_id))
+        finally:
+            work.session.close()
+        plain = workload(client, MODEL, plaintext=True, batch=1)
+        assert plain.metadata(client.options) == (("x-api-key", "k"),) and isinstance(plain, Workload)
