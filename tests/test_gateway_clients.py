@@ -125,7 +125,7 @@ def test_every_keyed_call_names_its_key_id_and_lost_keys_are_registered_again_on
         session.predict(x)
         assert _key_ids(proxy, "Infer") == [first]
         assert admin.delete_keys(first) is True  # another client object of the same tenant
-        with caplog.at_level(logging.WARNING, logger="gateway.client.sync"):
+        with caplog.at_level(logging.WARNING, logger="gateway.client.protocol"):
             result = session.predict(x)
         np.testing.assert_allclose(
             result.logits, expected, atol=session.spec.logit_error_bound + session.keys.logit_grid

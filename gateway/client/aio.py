@@ -7,7 +7,6 @@ serving (TenSEAL holds the GIL, so they do not run in parallel with each other).
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 
 import grpc
@@ -37,12 +36,11 @@ from gateway.client.protocol import (
     spec_request,
     translated_errors,
     upload_key_id,
+    warn_keys_lost,
 )
 from gateway.he.client import ClientKeys, DecryptedLogits
 from gateway.he.plan import EncryptionSpec
 from models.errors import NotFoundError
-
-logger = logging.getLogger(__name__)
 
 
 class AsyncHegateClient:
@@ -155,12 +153,7 @@ class AsyncEncryptedSession:
                 raise
             async with self._lock:
                 if self.key_id == key_id:  # the first call in flight to see NOT_FOUND re-registers
-                    logger.warning(
-                        "the gateway no longer holds key set %s of %s (expired, evicted, deleted, or a replica "
-                        "that never saw it): registering keys again",
-                        key_id,
-                        self.model.name,
-                    )
+                    warn_keys_lost(key_id, self.model.name)
                     await self._register()
             return await self._infer_with(self.key_id, ciphertext, count)
 

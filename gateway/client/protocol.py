@@ -6,6 +6,7 @@ Everything here is free of I/O, so the sync and asyncio clients differ only in h
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from gateway.status import error_for
 from models.errors import InternalError, InvalidArgumentError, NotFoundError
 from models.manifest import Manifest
 
+logger = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 20  # key upload chunks: well under any server's message limit
 KEY_ID_HEADER = "hegate-key-id"
 """Request metadata naming the key set a call uses (RegisterKeys, Infer, DeleteKeys), so that an L7
@@ -283,6 +285,16 @@ def checked_key_id(*, sent: str, returned: str) -> str:
             "the gateway's key id scheme differs from the SDK's (upgrade one of them)"
         )
     return returned
+
+
+def warn_keys_lost(key_id: str, model: str) -> None:
+    """Logged once per re-registration after NOT_FOUND (by either client)."""
+    logger.warning(
+        "the gateway no longer holds key set %s of %s (expired, evicted, deleted, or a replica that never saw it): "
+        "registering keys again",
+        key_id,
+        model,
+    )
 
 
 def encrypted_request(model: ModelInfo, key_id: str, ciphertext: bytes, count: int) -> hv1.InferRequest:

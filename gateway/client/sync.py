@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 
@@ -33,12 +32,11 @@ from gateway.client.protocol import (
     spec_request,
     translated_errors,
     upload_key_id,
+    warn_keys_lost,
 )
 from gateway.he.client import ClientKeys
 from gateway.he.plan import EncryptionSpec
 from models.errors import NotFoundError
-
-logger = logging.getLogger(__name__)
 
 
 class HegateClient:
@@ -168,12 +166,7 @@ class EncryptedSession:
                 raise
             with self._lock:
                 if self.key_id == key_id:  # no other thread has re-registered since this call began
-                    logger.warning(
-                        "the gateway no longer holds key set %s of %s (expired, evicted, deleted, or a replica "
-                        "that never saw it): registering keys again",
-                        key_id,
-                        self.model.name,
-                    )
+                    warn_keys_lost(key_id, self.model.name)
                     self._register()
             return self._infer_with(self.key_id, ciphertext, count)
 
