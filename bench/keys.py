@@ -671,8 +671,10 @@ def markdown(result: dict) -> str:
             "in flight",
             "",
             f"Requests round-robin over the key sets, ciphertexts encrypted beforehand, one generator process; "
-            f"baseline `{t['baseline']}` ({t['baseline_commit']}, a temporary git worktree, its own bundled copy of "
-            f"the model); windows of {t['window_seconds']} s alternating between the sides.",
+            f"baseline `{t['baseline']}`"
+            + (f" ({t['baseline_commit']})" if t["baseline_commit"] != t["baseline"] else "")
+            + f" in a temporary git worktree, serving its own bundled copy of the model; windows of "
+            f"{t['window_seconds']} s alternating between the sides.",
             "",
             "| side | requests/s (mean) | windows | p50 per window | server queue / compute p50 | workers' CPU "
             "| other CPU | argmax agree | registration p50 |",
