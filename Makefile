@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CORE_STAMP := $(VENV)/.installed-core
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: serve test demo models protos bench-pipeline bench-kernels bench-encrypted bench-gateway bench-privacy bench-peer bench-audit bench-hostile bundled clean
+.PHONY: serve test demo models protos bench-pipeline bench-kernels bench-encrypted bench-gateway bench-privacy bench-peer bench-audit bench-hostile bench-keys bundled clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,11 @@ bench-peer: $(DEV_STAMP)
 # One hostile peer per attack on each port: gateway RSS, other clients' p50/p99; fast path against main's (~25 min)
 bench-hostile: $(DEV_STAMP)
 	$(BIN)/python -m bench.hostile
+
+# The key tier (issue 15): workers' memory per key set (2 and 4 workers), encrypted throughput with 20 clients'
+# keys against 515c763, cold loads from Redis, locality behind nginx (~10 min; parts 3-4 need redis-server, nginx)
+bench-keys: $(DEV_STAMP)
+	$(BIN)/python -m bench.keys
 
 # Membership-inference audit of every bundled model (loss and offline LiRA, 8 shadow models each, ~30 min),
 # then the one-run audit's empirical epsilon of each (one training run with 5,000 canaries, 1-2 min each),

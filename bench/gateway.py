@@ -116,12 +116,13 @@ def load(
     warmup: float,
     seconds: float,
     server_timings: bool = False,
+    request_metadata: tuple[tuple[tuple[str, str], ...], ...] = (),
 ) -> dict:
     """Throughput, latency percentiles and CPU use of ``in_flight`` calls spread over
     ``generators`` processes (:mod:`bench.loadgen`), over ``seconds`` after ``warmup`` seconds of
     the same load; the gateway's CPU counters are read at the window's start and end.
     ``server_timings``: read each response as a ``hegate.v1.InferResponse`` for the queue and
-    compute times the server reports.
+    compute times the server reports. ``request_metadata``: each request's own metadata (its tenant's API key).
 
     Raises:
         RuntimeError: any call failed (a failed call must not pass as a fast one).
@@ -133,6 +134,7 @@ def load(
         in_flight=in_flight,
         generators=generators,
         keep_responses=server_timings,
+        request_metadata=request_metadata,
     )
     readings: list[tuple[tuple[float, float, float], float]] = []
     with LoadGenerators(spec) as load_generators:

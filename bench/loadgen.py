@@ -44,8 +44,16 @@ class LoadSpec:
     generators: int = 1
     rate: float | None = None  # requests/s over all generators (open loop); None: closed loop
     metadata: tuple[tuple[str, str], ...] = ()
+    request_metadata: tuple[tuple[tuple[str, str], ...], ...] = ()  # per request (same index), after ``metadata``
     timeout_seconds: float = 60.0
     keep_responses: bool = False  # return each OK response's bytes (e.g. to read server timings)
+
+    def call(self, index: int) -> tuple[bytes, tuple[tuple[str, str], ...]]:
+        """Request ``index`` (round-robin) and the metadata it is sent with: each request may carry its
+        own (the API key of the tenant whose key set it names, say)."""
+        position = index % len(self.requests)
+        own = self.request_metadata[position] if self.request_metadata else ()
+        return self.requests[position], self.metadata + own
 
 
 @dataclass
@@ -105,7 +113,8 @@ async def _serve_windows(connection: Connection, spec: LoadSpec, rate: float | N
     async with grpc.aio.insecure_channel(spec.target, options=CHANNEL_OPTIONS) as channel:
         call = channel.unary_unary(spec.method)
         await channel.channel_ready()
-        await call(spec.requests[0], metadata=spec.metadata, timeout=spec.timeout_seconds)
+        request, metadata = spec.call(0)
+        await call(request, metadata=metadata, timeout=spec.timeout_seconds)
         connection.send("ready")
         while (window := connection.recv()) is not None:
             connection.send(await _window(call, spec, rate, *window))
@@ -127,9 +136,8 @@ async def _window(
 
     async def one(index: int, due: float) -> None:
         try:
-            response = await call(
-                spec.requests[index % len(spec.requests)], metadata=spec.metadata, timeout=spec.timeout_seconds
-            )
+            request, metadata = spec.call(index)
+            response = await call(request, metadata=metadata, timeout=spec.timeout_seconds)
             status = "OK"
         except grpc.aio.AioRpcError as exc:
             response, status = None, exc.code().name
@@ -205,6 +213,8 @@ class LoadGenerators:
     def __init__(self, spec: LoadSpec) -> None:
         if spec.in_flight < spec.generators or spec.generators < 1:
             raise ValueError("need at least one call in flight per generator")
+        if spec.request_metadata and len(spec.request_metadata) != len(spec.requests):
+            raise ValueError("request_metadata needs one entry per request")
         self.spec = spec
         self._pipes: list[Connection] = []
         self._processes: list[multiprocessing.process.BaseProcess] = []

@@ -57,7 +57,6 @@ import contextlib
 import hashlib
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
@@ -75,7 +74,7 @@ from bench.floor import FloorProcess
 from bench.gateway import ATTEMPTS, FOREIGN_CORES, PLAINTEXT_METHOD
 from bench.loadgen import CHANNEL_OPTIONS, LoadGenerators, LoadResult, LoadSpec
 from bench.report import provenance, write
-from bench.server import Server, cpu_seconds, descendants, machine_busy_seconds, repository_with, stop
+from bench.server import Server, cpu_seconds, descendants, free_ports, machine_busy_seconds, repository_with, stop
 from gateway.api import grpc_predict_v2_pb2 as oip
 from gateway.api import grpc_predict_v2_pb2_grpc as oip_grpc
 
@@ -206,15 +205,6 @@ def mlserver_folder(
     (folder / "settings.json").write_text(settings.model_dump_json(indent=2) + "\n")
     (folder / model / "model-settings.json").write_text(model_settings.model_dump_json(indent=2) + "\n")
     return folder
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct loopback ports that were free a moment ago (MLServer takes fixed ports)."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
 
 
 class MLServerProcess:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import operator
 import os
 import shlex
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 from models.machine import machine_description
 
 RESULTS = Path(__file__).resolve().parent / "results"
+COMPARISONS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
 
 
 def provenance(module: str) -> dict[str, str]:
@@ -37,3 +39,20 @@ def write(name: str, result: dict, markdown: str, directory: Path = RESULTS) -> 
     (directory / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (directory / f"{name}.md").write_text(markdown)
     print(markdown)
+
+
+def target_row(*, figure: str, value: float | None, op: str, target: float, rests_on: str) -> dict:
+    """One row of a results file's target table. ``met`` is None when the figure was not measured
+    (``value`` None; ``rests_on`` then says why), so a skipped part never reads as a target met.
+
+    Raises:
+        KeyError: an unknown comparison (one of ``<=``, ``>=``, ``<``, ``>``).
+    """
+    compare = COMPARISONS[op]
+    return {
+        "figure": figure,
+        "value": value,
+        "target": f"{op} {target:g}",
+        "met": None if value is None else bool(compare(value, target)),
+        "rests_on": rests_on,
+    }

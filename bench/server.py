@@ -14,6 +14,7 @@ import re
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,9 +27,6 @@ START_TIMEOUT_SECONDS = 180.0
 READY_LINE = re.compile(r"^hegate: serving .*? on (?P<host>[^\s:]+):(?P<port>\d+)[,;]")
 FAST_PATH = re.compile(r"fast path on (?P<address>[^\s,;]+)[,;]")
 METRICS_URL = re.compile(r"metrics on (?P<url>http://\S+/metrics);")
-COMPUTE_SUM = re.compile(
-    r'^hegate_compute_seconds_(?P<what>sum|count)\{[^}]*path="(?P<path>\w+)"[^}]*\} (?P<value>\S+)$'
-)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -45,6 +43,22 @@ def stop(process: subprocess.Popen, *, group: bool = False) -> None:
             else:
                 process.kill()
             process.wait()
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports that were free a moment ago (for servers that take fixed ports)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
+def hegate_command() -> list[str]:
+    """The ``hegate`` command of this environment (its console script, else ``python -m gateway.cli``);
+    which checkout's code it runs is the ``PYTHONPATH`` it gets."""
+    script = Path(sys.executable).with_name("hegate")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "gateway.cli"]
 
 
 def repository_with(models: list[str], root: Path, source: Path = BUNDLED_REPOSITORY) -> Path:
@@ -71,6 +85,40 @@ def machine_busy_seconds() -> float:
     what is left after the gateway's and the generators' share is someone else's load."""
     user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
     return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
+def memory_bytes(pid: int) -> dict[str, int]:
+    """Resident (``rss``) and proportional (``pss``) bytes of one process from ``/proc/<pid>/smaps_rollup``.
+
+    PSS divides each shared page by the number of processes mapping it, so summing it over
+    processes counts shared libraries once; RSS counts them in every process. Zeros for a process
+    that has gone.
+    """
+    values = {"rss": 0, "pss": 0}
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return values
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        if name.lower() in values:
+            values[name.lower()] = int(rest.split()[0]) * 1024
+    return values
+
+
+def metric_samples(url: str, sample: str) -> list[tuple[dict[str, str], float]]:
+    """Every sample named ``sample`` (``hegate_compute_seconds_sum``, ``hegate_requests_total``) on a
+    Prometheus ``/metrics`` page, with its labels: empty if the gateway exposes no such metric."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return [
+        (dict(s.labels), float(s.value))
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == sample
+    ]
 
 
 def descendants(pid: int) -> list[int]:
@@ -100,10 +148,8 @@ class Server:
         self.start_seconds = 0.0
 
     def _command(self) -> list[str]:
-        script = Path(sys.executable).with_name("hegate")
-        entry = [str(script)] if script.exists() else [sys.executable, "-m", "gateway.cli"]
         return [
-            *entry,
+            *hegate_command(),
             "serve",
             "--repo",
             str(self.repository),
@@ -158,10 +204,22 @@ class Server:
     def compute_seconds(self, path: str) -> tuple[float, int]:
         """Sum and count of the gateway's ``hegate_compute_seconds`` histogram on ``path``
         (plaintext: request decoding, kernels and response encoding, without gRPC's own work)."""
-        totals = {"sum": 0.0, "count": 0.0}
-        with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
-            for line in response.read().decode().splitlines():
-                match = COMPUTE_SUM.match(line)
-                if match and match["path"] == path:
-                    totals[match["what"]] += float(match["value"])
+        totals = {
+            what: sum(
+                value
+                for labels, value in metric_samples(self.metrics_url, f"hegate_compute_seconds_{what}")
+                if labels.get("path") == path
+            )
+            for what in ("sum", "count")
+        }
         return totals["sum"], int(totals["count"])
+
+    def worker_pids(self) -> list[int]:
+        """The gateway's encrypted workers: its descendants but multiprocessing's resource tracker
+        (a small helper process that holds no keys)."""
+        workers = []
+        for pid in descendants(self.process.pid):
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    workers.append(pid)
+        return workers
