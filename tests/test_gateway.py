@@ -1022,6 +1022,7 @@ def test_a_killed_worker_fails_its_requests_and_is_replaced_with_the_keys(reposi
             text = gateway.metrics()
             assert metric(text, "hegate_worker_restarts_total") == 1
             assert metric(text, "hegate_registered_key_bytes") == key_bytes
+            assert metric(text, "hegate_key_cold_load_seconds_count") == 1  # the replacement reloaded the keys
             assert metric(text, "hegate_requests_total", model=MNIST, path="encrypted", status="INTERNAL") >= 1
             assert_serving(gateway, session=keys)
         assert gateway.stop() == 0

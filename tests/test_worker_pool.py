@@ -20,7 +20,7 @@ from gateway.he.plan import EncryptedModel
 from gateway.keystore import key_id_for, key_not_found
 from gateway.settings import BUNDLED_REPOSITORY
 from gateway.workers.messages import DropKeys, Evaluate, Evaluated, KeysLoaded, LoadKeys, ModelRef
-from gateway.workers.pool import StoredKeys, WorkerPool
+from gateway.workers.pool import REPLICA_IDLE_SECONDS, StoredKeys, WorkerPool
 from gateway.workers.shards import owner_slot, ranked_slots
 from models.data import load_dataset
 from models.errors import NotFoundError
@@ -181,6 +181,37 @@ def test_keys_registered_while_a_slot_is_replaced_reach_the_replacement():
 
     asyncio.run(run())
     assert key_id in recorder.pool._workers[0].loaded and key_id not in recorder.pool._workers[1].loaded
+
+
+def test_a_busy_owner_hands_a_hot_key_set_to_an_idle_worker_and_its_extra_copy_is_unloaded_when_idle():
+    key_id = "hot"
+    owner, second = ranked_slots(key_id=key_id, slots=2)
+    recorder = Recorder({key_id: _keys(key_id)}, workers=2)
+
+    async def run() -> None:
+        for slot in (0, 1):
+            recorder.spawn(slot).accepting = True
+        pool = recorder.pool
+        assert pool._route(key_id).slot == owner
+        pool._workers[owner].pending = {1: None}
+        assert pool._route(key_id).slot == owner  # one outstanding: not hot yet
+        pool._workers[owner].pending = {1: None, 2: None}
+        assert pool._route(key_id).slot == second  # hot, and the other worker is idle
+        pool._workers[second].pending = {3: None}
+        assert pool._route(key_id).slot == owner  # the other is busy too: no copy
+        pool._workers[owner].pending = pool._workers[second].pending = {}
+        for slot in (owner, second):
+            await pool._ensure(pool._workers[slot], key_id, lambda: recorder.fetch(key_id))
+        for worker in pool._workers:
+            for loaded in worker.loaded.values():
+                loaded.last_used -= REPLICA_IDLE_SECONDS
+        assert await pool.unload_idle(idle_seconds=3600) == [key_id]  # the extra copy only
+        assert key_id in pool._workers[owner].loaded and key_id not in pool._workers[second].loaded
+        assert recorder.sent == [(second, DropKeys(key_id=key_id))] and pool.holds(key_id)
+        pool._workers[owner].loaded[key_id].last_used -= 3600
+        assert await pool.unload_idle(idle_seconds=3600) == [key_id] and not pool.holds(key_id)
+
+    asyncio.run(run())
 
 
 # -- real workers ---------------------------------------------------------------------------------

@@ -111,7 +111,12 @@ class InMemoryKeyStore:
 
     def touch(self, key_id: str, *, tenant: str) -> KeyEntry:
         """Mark the tenant's record used; see :meth:`gateway.keystore.base.KeyStore.touch`."""
-        return self.get(key_id, tenant=tenant).entry
+        slot = (tenant, key_id)
+        with self._changing() as (now, _):
+            record = self._records.get(slot)
+            if record is None:
+                raise key_not_found()
+            return self._touch(slot, record, now).entry
 
     def delete(self, key_id: str, *, tenant: str) -> bool:
         """Remove the tenant's record; see :meth:`gateway.keystore.base.KeyStore.delete`."""
