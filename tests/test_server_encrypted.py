@@ -204,3 +204,18 @@ def test_another_tenant_cannot_use_keys_loaded_for_one():
         assert failure.value.code == grpc.StatusCode.NOT_FOUND
 
     _run(scenario)
+
+
+def test_keys_deleted_then_registered_again_stay_loaded():
+    async def scenario(servicer, store, pool):
+        key_id = await _register(servicer)
+        deleted = await servicer.DeleteKeys(pb.DeleteKeysRequest(key_id=key_id), Context())
+        assert deleted.deleted
+        await asyncio.sleep(0)  # the listener's unload runs
+        assert pool.loaded == set()
+        assert await _register(servicer) == key_id
+        await asyncio.sleep(0)
+        assert pool.loaded == {key_id} and (await _infer(servicer, key_id)).ciphertext == b"result"
+        assert store.calls.count("get") == 0
+
+    _run(scenario)

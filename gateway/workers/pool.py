@@ -134,7 +134,7 @@ class WorkerPool:
         self._shards: list[set[str]] = [set() for _ in range(workers)]  # what each slot should hold
         self._ids = itertools.count(1)
         self._closing = False
-        self._restarts: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -165,7 +165,7 @@ class WorkerPool:
     async def close(self) -> None:
         """Stop every worker: ask politely, then terminate whoever does not leave."""
         self._closing = True
-        for task in list(self._restarts):
+        for task in list(self._tasks):
             task.cancel()
         for worker in self._workers:
             if worker is None or not worker.process.is_alive():
@@ -269,8 +269,8 @@ class WorkerPool:
             future = asyncio.get_running_loop().create_future()
             worker.loading[key_id] = future
             task = asyncio.get_running_loop().create_task(self._load(worker, key_id, fetch, future, cold=cold))
-            self._restarts.add(task)  # held until it ends; cancelled at close
-            task.add_done_callback(self._restarts.discard)
+            self._tasks.add(task)  # held until it ends; cancelled at close, like the replacements
+            task.add_done_callback(self._tasks.discard)
         return await asyncio.shield(future)
 
     async def _load(self, worker: _Worker, key_id: str, fetch: Fetch, future: asyncio.Future, *, cold: bool) -> None:
@@ -463,8 +463,8 @@ class WorkerPool:
         logger.error("worker %d died with exit code %s; starting a replacement", worker.slot, code)
         self._on_restart()
         task = asyncio.get_running_loop().create_task(self._replace(worker.slot))
-        self._restarts.add(task)
-        task.add_done_callback(self._restarts.discard)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _detach(self, worker: _Worker) -> None:
         worker.accepting = False
