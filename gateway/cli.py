@@ -128,6 +128,10 @@ def _serve(args: argparse.Namespace) -> int:
         tls=tls,
         queue_limit=args.queue_limit,
         key_budget_bytes=args.key_budget_mib and args.key_budget_mib << 20,
+        tenant_key_bytes=args.tenant_key_mib and args.tenant_key_mib << 20,
+        tenant_key_sets=args.tenant_key_sets,
+        tenant_queue_limit=args.tenant_queue_limit,
+        upload_idle_seconds=args.upload_idle,
         key_ttl_seconds=args.key_ttl,
         grace_seconds=args.grace,
         plaintext_backend=args.plaintext_backend,
@@ -246,7 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", type=Path, help="server private key (PEM)")
     serve.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA (mTLS)")
     serve.add_argument("--queue-limit", type=int, help="encrypted requests queued or running per model")
-    serve.add_argument("--key-budget-mib", type=int, help="memory for registered evaluation keys")
+    serve.add_argument(
+        "--tenant-queue-limit", type=int, help="encrypted requests queued or running per model and tenant"
+    )
+    serve.add_argument("--key-budget-mib", type=int, help="resident memory of every tenant's evaluation keys")
+    serve.add_argument("--tenant-key-mib", type=int, help="resident memory of one tenant's evaluation keys")
+    serve.add_argument("--tenant-key-sets", type=int, help="key sets one tenant may hold")
+    serve.add_argument("--upload-idle", type=float, help="seconds a key upload may wait between chunks")
     serve.add_argument("--key-ttl", type=float, help="seconds an unused key set stays registered")
     serve.add_argument("--grace", type=float, help="seconds in-flight requests get at shutdown")
     for name in ("plaintext_backend", "ckks_precision"):

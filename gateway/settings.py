@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict
 
 from gateway.he.params import Precision
+from gateway.keystore.base import KeyLimits
+from gateway.server.uploads import UploadLimits
 from models.errors import InvalidArgumentError
 
 BUNDLED_REPOSITORY = Path(__file__).resolve().parent.parent / "models" / "bundled"
@@ -87,7 +89,17 @@ class EdgeLimits(BaseModel):
 
 
 class GatewaySettings(BaseSettings):
-    """Everything ``hegate serve`` can be told."""
+    """Everything ``hegate serve`` can be told.
+
+    The key tier's defaults are sized for this project's machine kind (2 cores, 24 GiB of memory,
+    ``free -m`` on 2026-12-03): the budget holds about 60 default-model key sets in the workers
+    (67.5 MiB each, one copy per set), and the in-memory store keeps their serialized bytes beside
+    (27.6 MiB each, 1.6 GiB at most then), about a quarter of the memory for keys; a tenant may take
+    a quarter of the budget (15 default sets, or 2 of the MNIST CNN's circuit_private sets, 494 MiB
+    each), and a quarter of a model's queue. Uploads: the largest real key set (212 MiB) fits
+    ``upload_max_bytes``; the spool holds four of those at once, and a tenant two uploads; 30 s
+    between chunks is about 8 s per 1 MiB chunk on a 1 Mbit/s link, with room to spare.
+    """
 
     model_config = SettingsConfigDict(env_prefix="HEGATE_", env_nested_delimiter="__", extra="forbid", frozen=True)
 
@@ -103,9 +115,30 @@ class GatewaySettings(BaseSettings):
     )
     tls: TlsSettings | None = None
     max_message_bytes: int = Field(default=8 * MIB, ge=64 * 1024, description="largest message either way")
-    key_budget_bytes: int = Field(default=1024 * MIB, ge=MIB, description="registry memory for evaluation keys")
+    key_budget_bytes: int = Field(
+        default=4096 * MIB,
+        ge=MIB,
+        description="resident bytes of every tenant's key sets in the workers, one copy per set (67.5 MiB for the "
+        "default model's); the budget's fair share decides evictions",
+    )
+    tenant_key_bytes: int = Field(
+        default=1024 * MIB, ge=MIB, description="resident bytes of one tenant's key sets (its own oldest go first)"
+    )
+    tenant_key_sets: int = Field(default=16, ge=1, description="key sets one tenant may hold")
     key_ttl_seconds: float = Field(default=3600.0, gt=0, description="keys unused this long are dropped")
     queue_limit: int = Field(default=64, ge=1, description="encrypted requests queued or running per model")
+    tenant_queue_limit: int = Field(
+        default=16, ge=1, description="encrypted requests queued or running per model for one tenant"
+    )
+    upload_max_bytes: int = Field(
+        default=256 * MIB, ge=MIB, description="largest key upload (the MNIST CNN's circuit_private keys: 212 MiB)"
+    )
+    upload_spool_bytes: int = Field(
+        default=1024 * MIB, ge=MIB, description="announced bytes of every key upload in flight together"
+    )
+    upload_limit: int = Field(default=8, ge=1, description="key uploads in flight in all")
+    tenant_upload_limit: int = Field(default=2, ge=1, description="key uploads in flight per tenant")
+    upload_idle_seconds: float = Field(default=30.0, gt=0, description="longest wait for a key upload's next chunk")
     max_batch: int = Field(default=4096, ge=1, description="largest plaintext batch per request")
     allow_non_finite_inputs: bool = Field(
         default=False, description="let NaN and infinite plaintext inputs through (refused as INVALID_ARGUMENT)"
@@ -136,6 +169,28 @@ class GatewaySettings(BaseSettings):
         if self.limits.connection_buffer_bytes < self.max_message_bytes + MESSAGE_PREFIX_BYTES:
             raise ValueError("limits.connection_buffer_bytes must hold one whole message (max_message_bytes + 5)")
         return self
+
+    @property
+    def key_limits(self) -> KeyLimits:
+        """What the key store may hold (see :class:`~gateway.keystore.base.KeyLimits`); a tenant
+        quota above the budget is the budget (a tenant limit above the whole is never reached)."""
+        return KeyLimits(
+            budget_bytes=self.key_budget_bytes,
+            tenant_bytes=min(self.tenant_key_bytes, self.key_budget_bytes),
+            tenant_key_sets=self.tenant_key_sets,
+            ttl_seconds=self.key_ttl_seconds,
+        )
+
+    @property
+    def upload_limits(self) -> UploadLimits:
+        """What key uploads in flight may take (see :mod:`gateway.server.uploads`)."""
+        return UploadLimits(
+            max_bytes=self.upload_max_bytes,
+            spool_bytes=self.upload_spool_bytes,
+            uploads=self.upload_limit,
+            tenant_uploads=self.tenant_upload_limit,
+            idle_seconds=self.upload_idle_seconds,
+        )
 
     @property
     def authenticated(self) -> bool:

@@ -100,3 +100,20 @@ def test_the_readme_documents_every_edge_limit():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for name in EdgeLimits.model_fields:
         assert f"| `limits.{name}` |" in readme, name
+
+
+def test_key_tier_settings_build_the_stores_limits_and_the_upload_spools():
+    settings = load_settings(
+        key_budget_bytes=64 << 20, tenant_key_bytes=128 << 20, tenant_key_sets=3, key_ttl_seconds=90.0
+    )
+    limits = settings.key_limits
+    assert (limits.budget_bytes, limits.tenant_bytes, limits.tenant_key_sets, limits.ttl_seconds) == (
+        64 << 20,
+        64 << 20,  # a tenant quota above the budget is the budget
+        3,
+        90.0,
+    )
+    uploads = load_settings(upload_max_bytes=8 << 20, tenant_upload_limit=1, upload_idle_seconds=2.5).upload_limits
+    assert (uploads.max_bytes, uploads.tenant_uploads, uploads.idle_seconds) == (8 << 20, 1, 2.5)
+    with pytest.raises(InvalidArgumentError, match="tenant_queue_limit: Input should be greater than or equal to 1"):
+        load_settings(tenant_queue_limit=0)

@@ -313,7 +313,32 @@ class EvaluationKeys:
 
     relin: seal.RelinKeys
     galois: seal.GaloisKeys
+    context: seal.SEALContext
     public: seal.PublicKey | None = None
+
+    @property
+    def resident_bytes(self) -> int:
+        """The bytes SEAL holds for these keys once deserialized: what the key tier's quotas count.
+
+        Computed, not sampled: every key-switching key (one relinearization key, one Galois key per
+        rotation element) is ``k - 1`` ciphertexts of 2 polynomials of ``N`` 64-bit coefficients
+        modulo each of the ``k`` primes of the key level, ``16 N k (k - 1)`` bytes, and SEAL's load
+        has checked every key against those parameters; a public key is one such ciphertext,
+        ``16 N k``. Why not an RSS delta: SEAL's memory pool reuses freed blocks, so a load after
+        other work can show far less (36.4 MiB of 67.5 for the first load after encoding the plan)
+        and each later one the full amount. Measured 2026-12-03 (``pytest -s
+        tests/test_he_plan_memory.py``: eight loads kept in a fresh ``spawn`` process, RSS from
+        ``/proc/self/status``): mnist-cnn-eps3 (26 Galois keys and the relinearization key, N 8192,
+        k 5; 27.6 MiB on the wire) 67.5 MiB computed, RSS deltas 67.5-69.9 MiB after the first load
+        (mean 68.5); breast-cancer-linear-eps3 (5 Galois keys, N 4096, k 3) 2.25 MiB computed, mean
+        delta 2.51 MiB (a load's own buffers weigh more in a small set).
+        """
+        key_level = self.context.key_context_data().parms()
+        degree = key_level.poly_modulus_degree()
+        primes = len(key_level.coeff_modulus())
+        ciphertext = 2 * degree * primes * 8
+        switching_keys = self.relin.size() + self.galois.size()
+        return switching_keys * (primes - 1) * ciphertext + (ciphertext if self.public is not None else 0)
 
 
 class EncryptedModel:
@@ -407,7 +432,7 @@ class EncryptedModel:
         missing = [s for s, e in zip(self.spec.rotation_steps, elements, strict=True) if not galois_keys.has_key(e)]
         if missing:
             raise InvalidArgumentError(f"the Galois keys lack rotation steps {missing[:5]}: make keys from the spec")
-        return EvaluationKeys(relin=relin_keys, galois=galois_keys, public=public)
+        return EvaluationKeys(relin=relin_keys, galois=galois_keys, context=self.context, public=public)
 
     def evaluate(self, ciphertext: bytes, keys: EvaluationKeys) -> bytes:
         """One encrypted ciphertext (up to ``lanes`` inputs) in, its encrypted logits out

@@ -8,6 +8,8 @@ the same protocol.
 from gateway.keystore.base import (
     KEY_NOT_FOUND_MESSAGE,
     DropReason,
+    KeyEntry,
+    KeyLimits,
     KeyListener,
     KeyRecord,
     KeyStore,
@@ -20,6 +22,8 @@ __all__ = [
     "KEY_NOT_FOUND_MESSAGE",
     "DropReason",
     "InMemoryKeyStore",
+    "KeyEntry",
+    "KeyLimits",
     "KeyListener",
     "KeyRecord",
     "KeyStore",

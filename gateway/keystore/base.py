@@ -27,13 +27,28 @@ KEY_NOT_FOUND_MESSAGE = (
 """One message for every miss, so a tenant cannot tell another tenant's id from one that never existed."""
 
 
-class KeyRecord(BaseModel):
-    """One tenant's registered evaluation keys for one model version and CKKS profile, as validated bytes.
+class KeyLimits(BaseModel):
+    """What the registry may hold, in the bytes that the workers hold (see :attr:`KeyRecord.resident_bytes`).
 
-    The bytes are kept as SEAL serialized them; deserialized keys live in the workers, which the
-    owner of the store refills from :meth:`KeyStore.records` when one restarts. Records are
-    immutable: touching one replaces it with a copy carrying the new ``last_used_at``.
+    A store enforces these at :meth:`KeyStore.put`. Quotas make tenants independent: a registration
+    that takes a tenant over its quota evicts that tenant's own least recently used key sets, never
+    another tenant's. The global budget protects the machine: when it is full, the newcomer evicts
+    the least recently used set of the tenant holding the most bytes, and only while that tenant
+    holds more than an equal share (budget / tenants holding keys, the newcomer's tenant counted);
+    otherwise the registration is refused (RESOURCE_EXHAUSTED). One tenant can thus never flush
+    another tenant that stays within its share.
     """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    budget_bytes: int = Field(gt=0, description="resident bytes of every tenant's key sets together")
+    tenant_bytes: int = Field(gt=0, description="resident bytes of one tenant's key sets")
+    tenant_key_sets: int = Field(gt=0, description="key sets one tenant may hold")
+    ttl_seconds: float = Field(gt=0, description="a key set unused this long is dropped (math.inf: never)")
+
+
+class KeyEntry(BaseModel):
+    """A registered key set without its bytes: what listings, quotas and routing need."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -42,16 +57,35 @@ class KeyRecord(BaseModel):
     model_name: str
     model_version: str
     profile: str = Field(default="standard", description="the CKKS profile whose spec the keys were made from")
+    stored_bytes: int = Field(ge=0, description="serialized bytes (relin + galois + public key) as stored")
+    resident_bytes: int = Field(
+        ge=0, description="bytes one worker holds once the keys are deserialized; quotas and the budget count these"
+    )
+    created_at: float = Field(description="wall clock (time.time()) at first registration: replicas share it")
+    last_used_at: float = Field(description="wall clock at the last put, get or touch; the TTL runs from here")
+
+
+class KeyRecord(KeyEntry):
+    """One tenant's registered evaluation keys for one model version and CKKS profile, as validated bytes.
+
+    The bytes are kept as SEAL serialized them; deserialized keys live in the workers (one worker
+    per key set), which load them from the store when they first need them. Records are
+    immutable: touching one returns a copy carrying the new ``last_used_at``.
+    """
+
     relin: bytes = Field(repr=False, description="serialized relinearization keys")
     galois: bytes = Field(repr=False, description="serialized Galois keys")
     public_key: bytes = Field(default=b"", repr=False, description="serialized public key (circuit_private only)")
-    created_at: float = Field(description="store clock reading at first registration")
-    last_used_at: float = Field(description="store clock reading at the last put or get; the TTL runs from here")
 
     @property
     def size(self) -> int:
-        """Bytes this record counts against the store's budget (the key bytes; metadata is noise)."""
+        """Serialized bytes of the keys (what the store and the wire carry)."""
         return len(self.relin) + len(self.galois) + len(self.public_key)
+
+    @property
+    def entry(self) -> KeyEntry:
+        """The record without its bytes."""
+        return KeyEntry.model_validate(self.model_dump(include=set(KeyEntry.model_fields)))
 
 
 def key_id_for(
@@ -85,43 +119,55 @@ def key_not_found() -> NotFoundError:
 class DropReason(StrEnum):
     """Why a record left the store, as reported to listeners."""
 
-    EVICTED = "evicted"  # pushed out by a newer registration when the byte budget was full
+    EVICTED = "evicted"  # pushed out by a newer registration (the tenant's quota, or the budget's fair share)
     EXPIRED = "expired"  # unused for longer than the time to live
     DELETED = "deleted"  # removed on its tenant's request
 
 
-KeyListener = Callable[[KeyRecord, DropReason], None]
-"""Called once for every record that leaves a store, so that mirrors (the workers) drop it too."""
+KeyListener = Callable[[KeyEntry, DropReason], None]
+"""Called once for every record this process sees leave a store, so that the workers unload it too.
+
+A store shared by replicas reports the drops this replica made (its evictions and deletions, the
+expiries it notices); keys that leave through another replica stay loaded here until they have
+been idle for the time to live, and serve only their own tenant meanwhile.
+"""
 
 
 class KeyStore(Protocol):
-    """A registry of evaluation-key bytes, bounded in bytes and in time, isolated per tenant.
+    """A registry of evaluation-key bytes, bounded by :class:`KeyLimits`, isolated per tenant.
 
-    Implementations may be local (:class:`~gateway.keystore.memory.InMemoryKeyStore`) or shared
-    by several gateway replicas. Every method may first drop records whose time to live has run
-    out; listeners hear about those as well as about evictions and deletions.
+    Implementations: :class:`~gateway.keystore.memory.InMemoryKeyStore` (one replica, the
+    default) and :class:`~gateway.keystore.redis.RedisKeyStore` (durable, shared by replicas).
+    Every method may first drop records whose time to live has run out; listeners hear about
+    those as well as about evictions and deletions. Every method of a remote store raises
+    :class:`~models.errors.UnavailableError` when the store cannot be reached (one line that
+    names the store, never a traceback), and changes nothing then.
     """
 
-    def put(
-        self,
-        *,
-        tenant: str,
-        model_name: str,
-        model_version: str,
-        relin: bytes,
-        galois: bytes,
-        profile: str = "standard",
-        public_key: bytes = b"",
-    ) -> tuple[KeyRecord, list[KeyRecord]]:
-        """Register keys (validated by the caller) and return the stored record and the records evicted for room.
+    limits: KeyLimits
 
-        Registering content the tenant already holds refreshes that record and evicts nothing.
-        Raises :class:`~models.errors.ResourceExhaustedError` if the keys alone exceed the budget.
+    def put(self, record: KeyRecord) -> tuple[KeyRecord, list[KeyEntry]]:
+        """Store a checked record (the caller has validated the keys and measured ``resident_bytes``).
+
+        Returns the stored record and the entries evicted to make room (see :class:`KeyLimits`).
+        Registering a key id the tenant already holds refreshes that record and evicts nothing.
+
+        Raises:
+            ResourceExhaustedError: the set alone exceeds the tenant's quota, or the budget is full
+                and no tenant holds more than its share.
+            UnavailableError: the store cannot be reached.
         """
         ...
 
     def get(self, key_id: str, *, tenant: str) -> KeyRecord:
-        """The tenant's record under ``key_id``, marked as just used (it moves to the back of the eviction line).
+        """The tenant's record under ``key_id`` with its bytes, marked as just used.
+
+        Raises :class:`~models.errors.NotFoundError` with :data:`KEY_NOT_FOUND_MESSAGE` for any miss.
+        """
+        ...
+
+    def touch(self, key_id: str, *, tenant: str) -> KeyEntry:
+        """Mark the tenant's record as just used without reading its bytes (every call that uses loaded keys).
 
         Raises :class:`~models.errors.NotFoundError` with :data:`KEY_NOT_FOUND_MESSAGE` for any miss.
         """
@@ -131,18 +177,22 @@ class KeyStore(Protocol):
         """Remove the tenant's record under ``key_id``; False if the tenant holds no such record."""
         ...
 
-    def expire(self) -> list[KeyRecord]:
+    def expire(self) -> list[KeyEntry]:
         """Drop every record whose time to live has run out now, and return them."""
         ...
 
-    def stored_bytes(self) -> int:
-        """Bytes of live records counted against the budget."""
+    def entries(self, *, tenant: str | None = None) -> list[KeyEntry]:
+        """Every live entry (of one tenant, or of all), least recently used first, untouched."""
         ...
 
-    def records(self) -> list[KeyRecord]:
-        """Every live record, least recently used first, without touching any (for replaying into a worker)."""
+    def resident_bytes(self, *, tenant: str | None = None) -> int:
+        """Resident bytes of the live records (of one tenant, or of all) counted against the limits."""
         ...
 
     def add_listener(self, listener: KeyListener) -> Callable[[], None]:
         """Call ``listener`` for every record that leaves the store from now on; return a function that unsubscribes."""
+        ...
+
+    def close(self) -> None:
+        """Release connections (the records stay where a durable store keeps them)."""
         ...

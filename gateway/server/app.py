@@ -35,13 +35,15 @@ from gateway.fastpath import FastPathServer, routes
 from gateway.fastpath.edge import Limits
 from gateway.keystore import InMemoryKeyStore
 from gateway.server.auth import Tenants
-from gateway.server.encrypted import EncryptedServicer, stored_keys
+from gateway.server.encrypted import EncryptedServicer
 from gateway.server.guard import EdgeInterceptor, server_options
 from gateway.server.inference import InferenceServicer
 from gateway.server.metrics import GatewayMetrics
 from gateway.server.serving import ModelStore
+from gateway.server.uploads import UploadSpool
 from gateway.settings import GatewaySettings
 from gateway.workers.pool import WorkerPool
+from models.errors import UnavailableError
 
 logger = logging.getLogger(__name__)
 EXPIRY_INTERVAL_SECONDS = 30.0
@@ -84,12 +86,13 @@ class Gateway:
             plaintext_backend=settings.plaintext_backend,
             precision=settings.ckks_precision,
         )
-        self.keys = InMemoryKeyStore(budget_bytes=settings.key_budget_bytes, ttl_seconds=settings.key_ttl_seconds)
+        self.keys = InMemoryKeyStore(limits=settings.key_limits)
         self.pool = WorkerPool(
             self.store.worker_models(),
             workers=settings.workers,
-            stored_keys=lambda: [stored_keys(r) for r in self.keys.records()],
+            fetch_keys=lambda key_id: self.encrypted.fetch_keys(key_id),
             on_restart=self.metrics.worker_restarts.inc,
+            on_cold_load=self.metrics.key_cold_load_seconds.observe,
         )
         await self.pool.start()
         tenants = Tenants(settings.api_keys)
@@ -107,10 +110,16 @@ class Gateway:
             allow_non_finite=settings.allow_non_finite_inputs,
         )
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, self.server)
-        hegate_v1_pb2_grpc.add_EncryptedInferenceServicer_to_server(
-            EncryptedServicer(self.store, self.keys, self.pool, self.metrics, queue_limit=settings.queue_limit),
-            self.server,
+        self.encrypted = EncryptedServicer(
+            self.store,
+            self.keys,
+            self.pool,
+            self.metrics,
+            queue_limit=settings.queue_limit,
+            tenant_queue_limit=settings.tenant_queue_limit,
+            uploads=UploadSpool(settings.upload_limits),
         )
+        hegate_v1_pb2_grpc.add_EncryptedInferenceServicer_to_server(self.encrypted, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         health_service = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -150,9 +159,14 @@ class Gateway:
         return not self._stopping and (self.pool.alive > 0 or not self.store.worker_models())
 
     async def _expire_keys(self) -> None:
+        """Drop expired records (their listeners unload them) and unload key sets idle here."""
         while True:
             await asyncio.sleep(EXPIRY_INTERVAL_SECONDS)
-            self.keys.expire()
+            try:
+                await asyncio.to_thread(self.keys.expire)
+            except UnavailableError as exc:
+                logger.warning("key store unavailable; expiry skipped: %s", exc)
+            await self.encrypted.unload_idle(idle_seconds=self.settings.key_ttl_seconds)
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight calls finish within the grace period, stop the workers."""
@@ -173,6 +187,7 @@ class Gateway:
 
         await asyncio.gather(stop_grpc(), *([self.fast_path.stop(grace)] if self.fast_path else []))
         await self.pool.close()
+        self.keys.close()
         self.metrics.close()
         self._stopped.set()
         logger.info("stopped")

@@ -12,7 +12,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 
 
 class GatewayMetrics:
-    """Requests by model, path and status; queue and compute time; key bytes; worker restarts."""
+    """Requests by model, path and status; queue and compute time; key bytes and cold loads; worker restarts."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -37,7 +37,15 @@ class GatewayMetrics:
             registry=self.registry,
         )
         self.key_bytes = Gauge(
-            "hegate_registered_key_bytes", "Bytes of evaluation keys in the registry", registry=self.registry
+            "hegate_registered_key_bytes",
+            "Resident bytes (in the workers, one copy per set) of the evaluation keys in the registry",
+            registry=self.registry,
+        )
+        self.key_cold_load_seconds = Histogram(
+            "hegate_key_cold_load_seconds",
+            "Time to read a key set from the store and load it into its worker on first use",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.worker_restarts = Counter(
             "hegate_worker_restarts", "Encrypted workers that died and were replaced", registry=self.registry

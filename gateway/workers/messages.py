@@ -30,8 +30,9 @@ class ModelRef(_Message):
 
 
 class LoadKeys(_Message):
-    """Deserialize, check and keep a client's evaluation keys (SEAL bytes) for one model version
-    and profile under ``key_id``; the public key is the circuit_private profile's."""
+    """Deserialize and check a client's evaluation keys (SEAL bytes) for one model version and
+    profile, and keep them under ``key_id`` unless ``keep`` is false (a check only); the public key
+    is the circuit_private profile's. The reply (:class:`KeysLoaded`) carries their resident bytes."""
 
     kind: Literal["load_keys"] = "load_keys"
     request_id: int
@@ -42,6 +43,7 @@ class LoadKeys(_Message):
     relin: bytes
     galois: bytes
     public_key: bytes = b""
+    keep: bool = True
 
 
 class ReadContext(_Message):
@@ -59,6 +61,13 @@ class ReadContext(_Message):
 class DropKeys(_Message):
     kind: Literal["drop_keys"] = "drop_keys"
     key_id: str
+
+
+class ListKeys(_Message):
+    """Ask which key sets the worker holds (answered by :class:`HeldKeys`): what the tests count."""
+
+    kind: Literal["list_keys"] = "list_keys"
+    request_id: int
 
 
 class Evaluate(_Message):
@@ -91,11 +100,22 @@ class Ready(_Message):
 
 
 class KeysLoaded(_Message):
+    """Keys loaded (``resident_bytes``: what the worker holds for them, see
+    :attr:`~gateway.he.plan.EvaluationKeys.resident_bytes`), or a context's keys as SEAL bytes."""
+
     kind: Literal["keys_loaded"] = "keys_loaded"
     request_id: int
+    resident_bytes: int = 0
     relin: bytes = b""
     galois: bytes = b""
     public_key: bytes = b""
+
+
+class HeldKeys(_Message):
+    kind: Literal["held_keys"] = "held_keys"
+    request_id: int
+    key_ids: list[str]
+    resident_bytes: int
 
 
 class Evaluated(_Message):
@@ -113,5 +133,5 @@ class Failed(_Message):
     message: str
 
 
-Request = LoadKeys | ReadContext | DropKeys | Evaluate | Shutdown
-Reply = Ready | KeysLoaded | Evaluated | Failed
+Request = LoadKeys | ReadContext | DropKeys | ListKeys | Evaluate | Shutdown
+Reply = Ready | KeysLoaded | HeldKeys | Evaluated | Failed

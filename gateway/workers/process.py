@@ -1,7 +1,8 @@
-"""A worker process: the encrypted models, the keys it was given, and a loop over its pipe.
+"""A worker process: the encrypted models, the keys of its shard, and a loop over its pipe.
 
 Everything here is read-only across requests except two caches: the keys, which only the
-gateway's :class:`~gateway.workers.pool.WorkerPool` changes (load and drop messages), and the
+gateway's :class:`~gateway.workers.pool.WorkerPool` changes (load and drop messages; it sends a
+worker only the key sets of its shard), and the
 encoded plans, one per model version and profile: the preloaded profile's at start, another
 profile's when keys for it first arrive (bounded by models x profiles). The largest is the MNIST
 CNN's circuit_private plan: about 10 s to encode, 122 MiB, and each of its key sets 494 MiB once
@@ -23,7 +24,9 @@ from gateway.workers.messages import (
     Evaluate,
     Evaluated,
     Failed,
+    HeldKeys,
     KeysLoaded,
+    ListKeys,
     LoadKeys,
     ModelRef,
     ReadContext,
@@ -64,8 +67,16 @@ class Worker:
     def load_keys(self, message: LoadKeys) -> KeysLoaded:
         plan = (message.model, message.version, message.profile)
         keys = self._model(*plan).load_keys(message.relin, message.galois, message.public_key)
-        self.keys[message.key_id] = (plan, keys)
-        return KeysLoaded(request_id=message.request_id)
+        if message.keep:
+            self.keys[message.key_id] = (plan, keys)
+        return KeysLoaded(request_id=message.request_id, resident_bytes=keys.resident_bytes)
+
+    def held(self, message: ListKeys) -> HeldKeys:
+        return HeldKeys(
+            request_id=message.request_id,
+            key_ids=sorted(self.keys),
+            resident_bytes=sum(keys.resident_bytes for _, keys in self.keys.values()),
+        )
 
     def read_context(self, message: ReadContext) -> KeysLoaded:
         keys = self._model(message.model, message.version, message.profile).load_context(message.context)
@@ -97,6 +108,8 @@ class Worker:
                     return self.load_keys(message)
                 case ReadContext():
                     return self.read_context(message)
+                case ListKeys():
+                    return self.held(message)
                 case Evaluate():
                     return self.evaluate(message)
                 case DropKeys():
