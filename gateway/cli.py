@@ -129,6 +129,7 @@ def _serve(args: argparse.Namespace) -> int:
         queue_limit=args.queue_limit,
         key_budget_bytes=args.key_budget_mib and args.key_budget_mib << 20,
         key_ttl_seconds=args.key_ttl,
+        key_store=args.key_store,
         grace_seconds=args.grace,
         plaintext_backend=args.plaintext_backend,
         ckks_precision=args.ckks_precision,
@@ -248,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--queue-limit", type=int, help="encrypted requests queued or running per model")
     serve.add_argument("--key-budget-mib", type=int, help="memory for registered evaluation keys")
     serve.add_argument("--key-ttl", type=float, help="seconds an unused key set stays registered")
+    serve.add_argument(
+        "--key-store",
+        metavar="URL",
+        help="'memory' (default: this process) or redis://[:password@]HOST:PORT/DB, shared by replicas and "
+        "durable (the HEGATE_KEY_STORE variable keeps a password off the command line)",
+    )
     serve.add_argument("--grace", type=float, help="seconds in-flight requests get at shutdown")
     for name in ("plaintext_backend", "ckks_precision"):
         field = GatewaySettings.model_fields[name]

@@ -13,10 +13,12 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict
 
 from gateway.he.params import Precision
+from gateway.keystore.base import KeyLimits
+from gateway.keystore.url import MEMORY, parse_key_store_url
 from models.errors import InvalidArgumentError
 
 BUNDLED_REPOSITORY = Path(__file__).resolve().parent.parent / "models" / "bundled"
@@ -105,6 +107,11 @@ class GatewaySettings(BaseSettings):
     max_message_bytes: int = Field(default=8 * MIB, ge=64 * 1024, description="largest message either way")
     key_budget_bytes: int = Field(default=1024 * MIB, ge=MIB, description="registry memory for evaluation keys")
     key_ttl_seconds: float = Field(default=3600.0, gt=0, description="keys unused this long are dropped")
+    key_store: SecretStr = Field(
+        default=SecretStr(MEMORY),
+        description="where registered keys live: 'memory' (this process) or redis://[:password@]HOST:PORT/DB "
+        "(rediss:// for TLS), shared by replicas and kept across restarts; secret because the URL may hold a password",
+    )
     queue_limit: int = Field(default=64, ge=1, description="encrypted requests queued or running per model")
     max_batch: int = Field(default=4096, ge=1, description="largest plaintext batch per request")
     allow_non_finite_inputs: bool = Field(
@@ -121,6 +128,15 @@ class GatewaySettings(BaseSettings):
         description="CKKS profile of clients that name none: standard (smallest ring) or high (~2**15 finer); "
         "clients may ask for any profile, circuit_private included",
     )
+
+    @field_validator("key_store")
+    @classmethod
+    def _key_store_url(cls, value: SecretStr) -> SecretStr:
+        try:
+            parse_key_store_url(value.get_secret_value())
+        except InvalidArgumentError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
     @model_validator(mode="after")
     def _checks(self) -> GatewaySettings:
@@ -140,6 +156,17 @@ class GatewaySettings(BaseSettings):
     @property
     def authenticated(self) -> bool:
         return bool(self.api_keys)
+
+    @property
+    def key_limits(self) -> KeyLimits:
+        """What the key store may hold. Per-tenant quotas are the key tier's settings; until they exist a
+        tenant may fill the whole budget (the budget's fair share still protects the other tenants)."""
+        return KeyLimits(
+            budget_bytes=self.key_budget_bytes,
+            tenant_bytes=self.key_budget_bytes,
+            tenant_key_sets=max(1, self.key_budget_bytes // MIB),
+            ttl_seconds=self.key_ttl_seconds,
+        )
 
 
 def _read_config(path: Path | None) -> dict[str, Any]:

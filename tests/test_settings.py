@@ -100,3 +100,27 @@ def test_the_readme_documents_every_edge_limit():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for name in EdgeLimits.model_fields:
         assert f"| `limits.{name}` |" in readme, name
+
+
+def test_the_key_store_comes_from_file_environment_or_flag_and_stays_secret(tmp_path, monkeypatch):
+    monkeypatch.delenv("HEGATE_KEY_STORE", raising=False)
+    assert load_settings().key_store.get_secret_value() == "memory"
+    config = tmp_path / "hegate.toml"
+    config.write_text('key_store = "redis://:hunter2@10.0.0.5:6390/1"\n')
+    settings = load_settings(config_file=config)
+    assert settings.key_store.get_secret_value() == "redis://:hunter2@10.0.0.5:6390/1"
+    assert "hunter2" not in repr(settings) and "hunter2" not in str(settings.model_dump())
+    monkeypatch.setenv("HEGATE_KEY_STORE", "redis://cache:6379/2")
+    assert load_settings(config_file=config).key_store.get_secret_value() == "redis://cache:6379/2"
+    assert load_settings(config_file=config, key_store="memory").key_store.get_secret_value() == "memory"
+
+
+def test_a_malformed_key_store_is_refused_without_its_password():
+    with pytest.raises(InvalidArgumentError, match=r"key_store: .*port must be 1-65535") as caught:
+        load_settings(key_store="redis://:hunter2@cache:0/0")
+    assert "hunter2" not in str(caught.value)
+
+
+def test_the_key_limits_are_the_budget_and_the_time_to_live():
+    limits = load_settings(key_budget_bytes=256 << 20, key_ttl_seconds=60.0).key_limits
+    assert (limits.budget_bytes, limits.tenant_bytes, limits.ttl_seconds) == (256 << 20, 256 << 20, 60.0)

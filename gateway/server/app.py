@@ -33,7 +33,7 @@ from grpc_reflection.v1alpha import reflection
 from gateway.api import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc, hegate_v1_pb2, hegate_v1_pb2_grpc
 from gateway.fastpath import FastPathServer, routes
 from gateway.fastpath.edge import Limits
-from gateway.keystore import InMemoryKeyStore
+from gateway.keystore import open_key_store
 from gateway.server.auth import Tenants
 from gateway.server.encrypted import EncryptedServicer, stored_keys
 from gateway.server.guard import EdgeInterceptor, server_options
@@ -42,6 +42,7 @@ from gateway.server.metrics import GatewayMetrics
 from gateway.server.serving import ModelStore
 from gateway.settings import GatewaySettings
 from gateway.workers.pool import WorkerPool
+from models.errors import UnavailableError
 
 logger = logging.getLogger(__name__)
 EXPIRY_INTERVAL_SECONDS = 30.0
@@ -78,13 +79,16 @@ class Gateway:
 
     async def start(self) -> None:
         settings = self.settings
+        # First: an unreachable Redis stops the start in one line, before minutes of model loading.
+        self.keys = await asyncio.to_thread(
+            open_key_store, settings.key_store.get_secret_value(), limits=settings.key_limits
+        )
         self.store = await asyncio.to_thread(
             ModelStore,
             settings.repository,
             plaintext_backend=settings.plaintext_backend,
             precision=settings.ckks_precision,
         )
-        self.keys = InMemoryKeyStore(budget_bytes=settings.key_budget_bytes, ttl_seconds=settings.key_ttl_seconds)
         self.pool = WorkerPool(
             self.store.worker_models(),
             workers=settings.workers,
@@ -150,9 +154,14 @@ class Gateway:
         return not self._stopping and (self.pool.alive > 0 or not self.store.worker_models())
 
     async def _expire_keys(self) -> None:
+        """Sweep expired keys off the loop's thread (a Redis store answers over the network); an outage
+        skips a round and the next one tries again."""
         while True:
             await asyncio.sleep(EXPIRY_INTERVAL_SECONDS)
-            self.keys.expire()
+            try:
+                await asyncio.to_thread(self.keys.expire)
+            except UnavailableError as exc:
+                logger.warning("key expiry skipped: %s", exc)
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight calls finish within the grace period, stop the workers."""
@@ -173,6 +182,7 @@ class Gateway:
 
         await asyncio.gather(stop_grpc(), *([self.fast_path.stop(grace)] if self.fast_path else []))
         await self.pool.close()
+        self.keys.close()
         self.metrics.close()
         self._stopped.set()
         logger.info("stopped")
