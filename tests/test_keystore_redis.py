@@ -398,3 +398,39 @@ def test_opening_an_unreachable_redis_fails_at_once_naming_it():
     url = f"redis://127.0.0.1:{free_port()}/3"
     with pytest.raises(UnavailableError, match=f"key store {url} unavailable"):
         open_key_store(url, limits=LIMITS)
+
+
+def test_a_record_whose_bytes_redis_dropped_is_dropped_and_reported(make_store, raw):
+    store = make_store()
+    heard = []
+    store.add_listener(lambda entry, reason: heard.append((entry.key_id, reason)))
+    stored, _ = store.put(record("alice", 10))
+    raw.delete(f"hegate:keys:blob:{stored.key_id}")  # what maxmemory-policy allkeys-lru would do
+    with pytest.raises(NotFoundError):
+        store.get(stored.key_id, tenant="alice")
+    assert heard == [(stored.key_id, DropReason.EVICTED)] and store.entries() == []
+
+
+def test_a_full_redis_refuses_new_bytes_and_keeps_serving_what_it_holds(make_store, raw):
+    store = make_store()
+    held, _ = store.put(record("alice", 10))
+    raw.config_set("maxmemory", 1)  # Redis over its maxmemory (noeviction): it refuses writes that grow it
+    try:
+        with pytest.raises(ResourceExhaustedError, match="out of memory"):
+            store.put(record("alice", 10))
+        assert store.get(held.key_id, tenant="alice").relin == held.relin
+        assert ids(store.entries()) == [held.key_id] and store.delete(held.key_id, tenant="alice")
+    finally:
+        raw.config_set("maxmemory", 0)
+    assert store.put(record("alice", 10))[1] == [] and raw.keys("hegate:keys:stage:*") == []
+
+
+def test_opening_warns_when_redis_would_lose_or_evict_keys(tmp_path, caplog):
+    server = RedisServer(tmp_path, "--appendonly", "no", "--maxmemory-policy", "allkeys-lru").start()
+    try:
+        with caplog.at_level("WARNING", logger="gateway.keystore.redis"):
+            open_key_store(server.url, limits=LIMITS).close()
+        warnings = " ".join(record.getMessage() for record in caplog.records)
+        assert "maxmemory-policy is allkeys-lru" in warnings and "--appendonly yes" in warnings
+    finally:
+        server.stop()

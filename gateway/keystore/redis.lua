@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- The key registry's every operation on Redis, run atomically by the server (see redis.py for the layout).
 --
 -- ARGV[1] is the key prefix, ARGV[2] the operation; the rest depends on it. Every operation first drops the
@@ -5,6 +6,9 @@
 -- calling replica tells its listeners. Times are integer milliseconds: Lua formats numbers with 14
 -- significant digits, which holds a millisecond clock exactly and a microsecond one not.
 -- Keys are built from ARGV rather than passed in KEYS: the store runs on one Redis, not a cluster.
+-- allow-oom (the flags line above, Redis 7.0 or later): a Redis at its maxmemory still runs the script, whose
+-- writes are index entries of a few hundred bytes, so that gets, touches, deletions and expiries keep working
+-- there; only the upload of new key bytes (a plain HSET, outside the script) is refused.
 
 local P = ARGV[1]
 local OP = ARGV[2]

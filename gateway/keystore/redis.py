@@ -35,6 +35,10 @@ place, or deletes if the registration is refused. A replica that dies mid-upload
 a minute later, no bytes. :meth:`get` reads the bytes with one ``HMGET`` after the script has checked
 and touched the tenant's record.
 
+A Redis at its ``maxmemory`` (with ``noeviction``) refuses the upload of new bytes, which becomes
+:class:`~models.errors.ResourceExhaustedError`; the script itself may still run there (``allow-oom``),
+so the keys Redis holds keep being served, touched, deleted and expired.
+
 Outages: every Redis error that means "cannot be reached right now" (refused or dropped connection, a
 timeout, Redis still loading its append-only file, a read-only replica) becomes one
 :class:`~models.errors.UnavailableError` naming the store (never its password). Connections are made
