@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -33,22 +34,29 @@ class RedisServer:
     data (``--appendonly yes``; a SIGTERM makes Redis flush the file before it exits).
     """
 
-    def __init__(self, directory: Path, *extra: str) -> None:
+    def __init__(self, directory: Path, *extra: str, tls: Path | None = None) -> None:
         binary = shutil.which("redis-server") or shutil.which("redis-server", path="/usr/sbin:/usr/bin")
         if binary is None:
             pytest.fail("redis-server is not installed: `make test` installs it (apt-get install redis-server)")
         self.binary = binary
         self.directory = directory
         self.extra = extra
+        self.tls = tls  # a directory with ca.crt, server.crt and server.key: serve TLS only
         self.port = free_port()
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
-        command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory)]
+        command = [self.binary, "--bind", "127.0.0.1", "--dir", str(self.directory)]
+        if self.tls is None:
+            command += ["--port", str(self.port)]
+        else:
+            command += ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            command += ["--tls-cert-file", str(self.tls / "server.crt"), "--tls-key-file", str(self.tls / "server.key")]
+            command += ["--tls-ca-cert-file", str(self.tls / "ca.crt")]
         command += ["--appendonly", "yes", "--save", "", "--maxmemory-policy", "noeviction"]
         command += ["--logfile", "redis.log", *self.extra]
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -79,8 +87,14 @@ class RedisServer:
         """True once Redis replies to PING (with PONG, or NOAUTH when a password is required), loaded."""
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as connection:
-                connection.sendall(b"PING\r\n")
-                reply = connection.recv(64)
+                if self.tls is None:
+                    connection.sendall(b"PING\r\n")
+                    reply = connection.recv(64)
+                else:
+                    context = ssl.create_default_context(cafile=self.tls / "ca.crt")
+                    with context.wrap_socket(connection, server_hostname="127.0.0.1") as wrapped:
+                        wrapped.sendall(b"PING\r\n")
+                        reply = wrapped.recv(64)
         except OSError:
             return False
         return reply.startswith((b"+PONG", b"-NOAUTH"))

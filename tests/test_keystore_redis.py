@@ -13,6 +13,7 @@ import time
 
 import pytest
 import redis
+from gateway_harness import make_pki
 from services import RedisServer, free_port
 
 from gateway.keystore import (
@@ -432,5 +433,24 @@ def test_opening_warns_when_redis_would_lose_or_evict_keys(tmp_path, caplog):
             open_key_store(server.url, limits=LIMITS).close()
         warnings = " ".join(record.getMessage() for record in caplog.records)
         assert "maxmemory-policy is allkeys-lru" in warnings and "--appendonly yes" in warnings
+    finally:
+        server.stop()
+
+
+def test_rediss_speaks_tls_and_checks_the_server_certificate(tmp_path, monkeypatch):
+    pki = make_pki(tmp_path / "pki")
+    server = RedisServer(tmp_path, tls=pki).start()
+    try:
+        with pytest.raises(UnavailableError, match="certificate verify failed"):
+            open_key_store(server.url, limits=LIMITS)  # the test CA is not trusted yet
+        monkeypatch.setenv("SSL_CERT_FILE", str(pki / "ca.crt"))  # how a deployment names its CA
+        store = open_key_store(server.url, limits=LIMITS)
+        try:
+            stored, _ = store.put(record("alice", 10))
+            assert store.get(stored.key_id, tenant="alice").relin == stored.relin
+        finally:
+            store.close()
+        with pytest.raises(UnavailableError):  # plaintext to a TLS port
+            open_key_store(server.url.replace("rediss://", "redis://"), limits=LIMITS)
     finally:
         server.stop()
