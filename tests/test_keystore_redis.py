@@ -120,6 +120,7 @@ def test_a_tenant_reaches_only_its_own_keys_and_every_miss_reads_the_same(make_s
     assert store.delete(stored.key_id, tenant=f"{stored.key_id}:alice") is False
     assert store.entries(tenant="bob") == [] and store.resident_bytes(tenant="bob") == 0
     assert ids(store.entries(tenant="alice")) == [stored.key_id]
+    assert store.entries(tenant="") == [] and store.resident_bytes(tenant="") == 0  # "" is a tenant, not "all"
 
 
 def test_over_its_byte_quota_a_tenant_evicts_its_own_least_recently_used_sets(make_store):
@@ -277,7 +278,7 @@ def test_redis_itself_drops_abandoned_keys_when_no_replica_runs(make_store, raw)
     time.sleep(1.1 * TTL_SECONDS)
     assert raw.keys("hegate:keys:blob:*") == [] and raw.keys("hegate:keys:refs:*") == []
     # the index (a few hundred bytes) follows an hour later, so a late replica still reports the expiry
-    assert 0 < raw.pttl("hegate:keys:meta") <= 3600_000
+    assert 0 < raw.pttl("hegate:keys:meta") <= 3600_000 and 0 < raw.pttl("hegate:keys:tenant:bob") <= 3600_000
     heard = []
     late = make_store(LIMITS)
     late.add_listener(lambda entry, reason: heard.append(reason))
@@ -289,6 +290,7 @@ def test_a_time_to_live_of_infinity_keeps_keys_until_evicted(make_store, raw):
     store = make_store(LIMITS.model_copy(update={"ttl_seconds": float("inf")}))
     stored, _ = store.put(record("alice", 10))
     assert raw.pttl(f"hegate:keys:blob:{stored.key_id}") == -1 and raw.pttl("hegate:keys:meta") == -1
+    assert raw.pttl("hegate:keys:tenant:alice") == -1
     assert store.expire() == []
 
 

@@ -45,25 +45,42 @@ end
 -- The index lives and dies as one unit, so that it stays consistent (every member of EXPIRY has its META
 -- entry and its bytes counted in TENANTS): an hour after its latest record expires. Until then a replica
 -- that was down or busy still finds the expired entries and tells its listeners; the bytes, which are what
--- weighs, expire on time (refresh_blob).
+-- weighs, expire on time (refresh_blob). A tenant's order goes an hour after that tenant's latest record.
 local INDEX_GRACE_MS = 3600000
+local function expire_at(key, score)
+  if score == 'inf' then
+    redis.call('PERSIST', key)
+  else
+    redis.call('PEXPIREAT', key, tonumber(score) + INDEX_GRACE_MS)
+  end
+end
+
 local function refresh_index()
   local top = redis.call('ZRANGE', EXPIRY, -1, -1, 'WITHSCORES')
   if #top == 0 then
     redis.call('DEL', SEQ)
     return
   end
-  local keys = { META, USED, EXPIRY, TENANTS, SEQ }
-  for _, tenant in ipairs(redis.call('HKEYS', TENANTS)) do
-    keys[#keys + 1] = tenant_key(tenant)
+  for _, key in ipairs({ META, USED, EXPIRY, TENANTS, SEQ }) do
+    expire_at(key, top[2])
   end
-  for _, key in ipairs(keys) do
-    if top[2] == 'inf' then
-      redis.call('PERSIST', key)
-    else
-      redis.call('PEXPIREAT', key, tonumber(top[2]) + INDEX_GRACE_MS)
+end
+
+local function refresh_tenant(tenant) -- its sets are at most tenant_key_sets
+  local members = {}
+  for i, key_id in ipairs(redis.call('ZRANGE', tenant_key(tenant), 0, -1)) do
+    members[i] = key_id .. ':' .. tenant
+  end
+  if #members == 0 then
+    return
+  end
+  local latest = nil
+  for _, score in ipairs(redis.call('ZMSCORE', EXPIRY, unpack(members))) do
+    if score == 'inf' or (latest ~= 'inf' and (not latest or tonumber(score) > tonumber(latest))) then
+      latest = score
     end
   end
+  expire_at(tenant_key(tenant), latest)
 end
 
 -- Remove one record from the index (its bytes go with its last record); returns its entry (JSON).
@@ -122,6 +139,7 @@ local function touch(member, now, ttl_ms)
   entry.last_used_at = now
   place(member, entry, expiry(now, ttl_ms))
   refresh_blob(entry.key_id)
+  refresh_tenant(entry.tenant)
   refresh_index()
   return cjson.encode(entry)
 end
@@ -226,6 +244,7 @@ if OP == 'put' then
   place(member, entry, expiry(now, ttl_ms))
   redis.call('HINCRBY', TENANTS, tenant, entry.resident_bytes)
   refresh_blob(key_id)
+  refresh_tenant(tenant)
   refresh_index()
   return { 'ok', dropped, cjson.encode(entry), evicted }
 elseif OP == 'touch' then
@@ -248,14 +267,14 @@ elseif OP == 'delete' or OP == 'lost' then
   refresh_index()
   return { 'ok', dropped, entry }
 elseif OP == 'entries' then
-  -- ARGV: tenant ('' for all)
+  -- ARGV: 'all' or 'tenant', the tenant
   local members
-  if ARGV[3] == '' then
+  if ARGV[3] == 'all' then
     members = redis.call('ZRANGE', USED, 0, -1)
   else
     members = {}
-    for _, key_id in ipairs(redis.call('ZRANGE', tenant_key(ARGV[3]), 0, -1)) do
-      members[#members + 1] = key_id .. ':' .. ARGV[3]
+    for _, key_id in ipairs(redis.call('ZRANGE', tenant_key(ARGV[4]), 0, -1)) do
+      members[#members + 1] = key_id .. ':' .. ARGV[4]
     end
   end
   local entries = {}
@@ -264,14 +283,14 @@ elseif OP == 'entries' then
   end
   return { 'ok', dropped, entries }
 elseif OP == 'resident' then
-  -- ARGV: tenant ('' for all)
+  -- ARGV: 'all' or 'tenant', the tenant
   local total = 0
-  if ARGV[3] == '' then
+  if ARGV[3] == 'all' then
     for _, bytes in ipairs(redis.call('HVALS', TENANTS)) do
       total = total + tonumber(bytes)
     end
   else
-    total = tonumber(redis.call('HGET', TENANTS, ARGV[3]) or '0')
+    total = tonumber(redis.call('HGET', TENANTS, ARGV[4]) or '0')
   end
   return { 'ok', dropped, tostring(total) }
 elseif OP == 'expire' then

@@ -244,13 +244,13 @@ class RedisKeyStore:
     def entries(self, *, tenant: str | None = None) -> list[KeyEntry]:
         """Every live entry (of one tenant, or of all), least recently used first, untouched."""
         with self._changing() as dropped:
-            _, rest = self._run("entries", dropped, tenant or "")
+            _, rest = self._run("entries", dropped, *_scope(tenant))
             return [_entry(raw) for raw in rest[0]]
 
     def resident_bytes(self, *, tenant: str | None = None) -> int:
         """Resident bytes of the live records (of one tenant, or of all)."""
         with self._changing() as dropped:
-            _, rest = self._run("resident", dropped, tenant or "")
+            _, rest = self._run("resident", dropped, *_scope(tenant))
             return int(rest[0])
 
     def add_listener(self, listener: KeyListener) -> Callable[[], None]:
@@ -381,6 +381,11 @@ def _entry(raw: bytes) -> KeyEntry:
     fields["created_at"] = fields["created_at"] / 1000
     fields["last_used_at"] = fields["last_used_at"] / 1000
     return KeyEntry.model_validate(fields)
+
+
+def _scope(tenant: str | None) -> tuple[str, str]:
+    """Every tenant, or one (whatever its name: the empty string is a tenant, not "all")."""
+    return ("all", "") if tenant is None else ("tenant", tenant)
 
 
 def _one_line(exc: BaseException) -> str:
