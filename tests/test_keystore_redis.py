@@ -1,8 +1,9 @@
 """The key store contract on a real Redis: the rules of ``gateway/keystore/base.py``, then what only a shared,
 durable store has (replicas, Redis's own expiry, restarts, outages).
 
-The rule tests take a ``make_store(limits)`` fixture and nothing else of Redis, so that they can be
-parametrized over every store. Times to live are real and short (1 s): Redis keeps the clock.
+The rule tests take a ``make_store(limits)`` fixture (and ``wait(seconds)`` where time matters) and nothing
+else of Redis, so that they can be parametrized over every store. Times to live are real and short (1 s):
+Redis keeps the clock.
 """
 
 from __future__ import annotations
@@ -71,6 +72,13 @@ def make_store(redis_server):
     yield make
     for store in stores:
         store.close()
+
+
+@pytest.fixture
+def wait():
+    """``wait(seconds)``: let the store's clock run. Redis keeps its own, so real time passes; a store
+    with an injected clock would advance that instead."""
+    return time.sleep
 
 
 @pytest.fixture
@@ -219,15 +227,15 @@ def test_listeners_hear_evictions_and_deletions_and_can_leave(make_store):
     assert len(heard) == 2
 
 
-def test_a_set_unused_for_its_time_to_live_is_dropped_and_reported_and_use_extends_it(make_store):
+def test_a_set_unused_for_its_time_to_live_is_dropped_and_reported_and_use_extends_it(make_store, wait):
     store = make_store(LIMITS.model_copy(update={"ttl_seconds": TTL_SECONDS}))
     heard = []
     store.add_listener(lambda entry, reason: heard.append((entry.key_id, reason)))
     kept, _ = store.put(record("alice", 10))
     dropped, _ = store.put(record("bob", 10))
-    time.sleep(0.6 * TTL_SECONDS)
+    wait(0.6 * TTL_SECONDS)
     store.touch(kept.key_id, tenant="alice")
-    time.sleep(0.6 * TTL_SECONDS)  # dropped: idle 1.2 ttl; kept: 0.6 ttl
+    wait(0.6 * TTL_SECONDS)  # dropped: idle 1.2 ttl; kept: 0.6 ttl
     assert ids(store.expire()) == [dropped.key_id]
     assert heard == [(dropped.key_id, DropReason.EXPIRED)]
     with pytest.raises(NotFoundError):
@@ -236,12 +244,12 @@ def test_a_set_unused_for_its_time_to_live_is_dropped_and_reported_and_use_exten
     assert store.expire() == []
 
 
-def test_every_method_drops_what_has_expired_first(make_store):
+def test_every_method_drops_what_has_expired_first(make_store, wait):
     store = make_store(LIMITS.model_copy(update={"ttl_seconds": TTL_SECONDS}))
     heard = []
     store.add_listener(lambda entry, reason: heard.append(reason))
     store.put(record("alice", 10))
-    time.sleep(1.1 * TTL_SECONDS)
+    wait(1.1 * TTL_SECONDS)
     assert store.entries() == [] and heard == [DropReason.EXPIRED]
     assert store.resident_bytes() == 0
 
