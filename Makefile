@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 CORE_STAMP := $(VENV)/.installed-core
 DEV_STAMP := $(VENV)/.installed-dev
+SYSTEM_STAMP := $(VENV)/.installed-system
+SYSTEM_PACKAGES := redis-server nginx  # Debian packages named like the binaries the tests start
+APT_GET ?= apt-get
 
 .PHONY: serve test demo models protos bench-pipeline bench-kernels bench-encrypted bench-gateway bench-privacy bench-peer bench-audit bench-hostile bench-keys bundled clean
 
@@ -25,7 +28,24 @@ $(DEV_STAMP): pyproject.toml | $(BIN)/python
 serve: $(CORE_STAMP)
 	$(BIN)/hegate serve
 
-test: $(DEV_STAMP)
+# What the tests start besides Python: redis-server (the shared key store) and nginx (two replicas behind it).
+# Installed with apt-get when a binary is missing (as root, or through sudo); nothing to do when both are there.
+$(SYSTEM_STAMP):
+	@missing=""; \
+	for binary in $(SYSTEM_PACKAGES); do \
+	  PATH="$$PATH:/usr/sbin:/sbin" command -v $$binary >/dev/null 2>&1 || missing="$$missing $$binary"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then sudo=""; \
+	  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; \
+	  else echo "make: the tests need$$missing: run 'apt-get install$$missing' as root (or give this user sudo)" >&2; exit 1; fi; \
+	  echo "installing$$missing with apt-get"; \
+	  $$sudo $(APT_GET) update -qq && \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends $$missing || exit 1; \
+	fi
+	@mkdir -p $(@D) && touch $@
+
+test: $(DEV_STAMP) $(SYSTEM_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q

@@ -133,6 +133,7 @@ def _serve(args: argparse.Namespace) -> int:
         tenant_queue_limit=args.tenant_queue_limit,
         upload_idle_seconds=args.upload_idle,
         key_ttl_seconds=args.key_ttl,
+        key_store=args.key_store,
         grace_seconds=args.grace,
         plaintext_backend=args.plaintext_backend,
         ckks_precision=args.ckks_precision,
@@ -258,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tenant-key-sets", type=int, help="key sets one tenant may hold")
     serve.add_argument("--upload-idle", type=float, help="seconds a key upload may wait between chunks")
     serve.add_argument("--key-ttl", type=float, help="seconds an unused key set stays registered")
+    serve.add_argument(
+        "--key-store",
+        metavar="URL",
+        help="'memory' (default: this process) or redis://[:password@]HOST:PORT/DB, shared by replicas and "
+        "durable (the HEGATE_KEY_STORE variable keeps a password off the command line)",
+    )
     serve.add_argument("--grace", type=float, help="seconds in-flight requests get at shutdown")
     for name in ("plaintext_backend", "ckks_precision"):
         field = GatewaySettings.model_fields[name]

@@ -13,11 +13,12 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict
 
 from gateway.he.params import Precision
 from gateway.keystore.base import KeyLimits
+from gateway.keystore.url import MEMORY, parse_key_store_url
 from gateway.server.uploads import UploadLimits
 from models.errors import InvalidArgumentError
 
@@ -126,6 +127,11 @@ class GatewaySettings(BaseSettings):
     )
     tenant_key_sets: int = Field(default=16, ge=1, description="key sets one tenant may hold")
     key_ttl_seconds: float = Field(default=3600.0, gt=0, description="keys unused this long are dropped")
+    key_store: SecretStr = Field(
+        default=SecretStr(MEMORY),
+        description="where registered keys live: 'memory' (this process) or redis://[:password@]HOST:PORT/DB "
+        "(rediss:// for TLS), shared by replicas and kept across restarts; secret because the URL may hold a password",
+    )
     queue_limit: int = Field(default=64, ge=1, description="encrypted requests queued or running per model")
     tenant_queue_limit: int = Field(
         default=16, ge=1, description="encrypted requests queued or running per model for one tenant"
@@ -154,6 +160,15 @@ class GatewaySettings(BaseSettings):
         description="CKKS profile of clients that name none: standard (smallest ring) or high (~2**15 finer); "
         "clients may ask for any profile, circuit_private included",
     )
+
+    @field_validator("key_store")
+    @classmethod
+    def _key_store_url(cls, value: SecretStr) -> SecretStr:
+        try:
+            parse_key_store_url(value.get_secret_value())
+        except InvalidArgumentError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
     @model_validator(mode="after")
     def _checks(self) -> GatewaySettings:

@@ -1,10 +1,12 @@
-"""Shared fixtures: small digits models trained once per test session (a few seconds each)."""
+"""Shared fixtures: small digits models trained once per test session (a few seconds each), and the real
+servers of ``services`` (``redis_server``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from services import redis_server  # noqa: F401 - a fixture, offered to every test module
 
 
 @pytest.fixture(scope="session")

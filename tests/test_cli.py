@@ -1,8 +1,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+
+import pytest
+from services import free_port
 
 from gateway.cli import main
 from models.manifest import MANIFEST_FILE
@@ -111,3 +115,41 @@ def test_the_demo_answers_on_both_paths_and_stops_its_gateway():
     assert any(line.startswith("plaintext (fast path): label 7") for line in lines)
     assert any(line.startswith("encrypted: label 7") for line in lines)
     assert lines[-1] == "gateway stopped (exit code 0)"
+
+
+def _serve_fails(*args: str, env: dict[str, str] | None = None) -> str:
+    """Run ``hegate serve`` expecting it to stop at start: return its stderr, checked to be one line."""
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("HEGATE_")}
+    environment.update(env or {})
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "serve", "--address", "127.0.0.1:0", "--metrics-port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=environment,
+    )
+    assert result.returncode != 0 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
+    return result.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:hunter2@127.0.0.1:99999/0", "redis://***@127.0.0.1:99999/0"),
+        ("http://:hunter2@127.0.0.1:6379/0", "must be 'memory' or redis://"),
+        ("redis://:hunter2@127.0.0.1:6379/db0", "the database must be an integer"),
+    ],
+)
+def test_serve_refuses_a_malformed_key_store_url_in_one_line(url, shown):
+    for env, args in (({}, ("--key-store", url)), ({"HEGATE_KEY_STORE": url}, ())):
+        stderr = _serve_fails(*args, env=env)
+        assert stderr.startswith("hegate serve: error: invalid gateway settings: key_store:")
+        assert shown in stderr and "hunter2" not in stderr
+
+
+def test_serve_stops_at_start_when_its_redis_cannot_be_reached():
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    stderr = _serve_fails("--key-store", url.replace("//", "//:hunter2@"))
+    assert stderr.startswith(f"hegate serve: error: key store {url} unavailable: ") and "hunter2" not in stderr

@@ -117,3 +117,22 @@ def test_key_tier_settings_build_the_stores_limits_and_the_upload_spools():
     assert (uploads.max_bytes, uploads.tenant_uploads, uploads.idle_seconds) == (8 << 20, 1, 2.5)
     with pytest.raises(InvalidArgumentError, match="tenant_queue_limit: Input should be greater than or equal to 1"):
         load_settings(tenant_queue_limit=0)
+
+
+def test_the_key_store_comes_from_file_environment_or_flag_and_stays_secret(tmp_path, monkeypatch):
+    monkeypatch.delenv("HEGATE_KEY_STORE", raising=False)
+    assert load_settings().key_store.get_secret_value() == "memory"
+    config = tmp_path / "hegate.toml"
+    config.write_text('key_store = "redis://:hunter2@10.0.0.5:6390/1"\n')
+    settings = load_settings(config_file=config)
+    assert settings.key_store.get_secret_value() == "redis://:hunter2@10.0.0.5:6390/1"
+    assert "hunter2" not in repr(settings) and "hunter2" not in str(settings.model_dump())
+    monkeypatch.setenv("HEGATE_KEY_STORE", "redis://cache:6379/2")
+    assert load_settings(config_file=config).key_store.get_secret_value() == "redis://cache:6379/2"
+    assert load_settings(config_file=config, key_store="memory").key_store.get_secret_value() == "memory"
+
+
+def test_a_malformed_key_store_is_refused_without_its_password():
+    with pytest.raises(InvalidArgumentError, match=r"key_store: .*port must be 1-65535") as caught:
+        load_settings(key_store="redis://:hunter2@cache:0/0")
+    assert "hunter2" not in str(caught.value)

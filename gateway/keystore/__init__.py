@@ -1,8 +1,8 @@
 """The evaluation-key registry: clients upload keys once and then name them by key id.
 
 ``base`` holds the contract (:class:`KeyRecord`, :func:`key_id_for`, the :class:`KeyStore`
-protocol); ``memory`` the single-replica store. A store shared by several replicas implements
-the same protocol.
+protocol); ``memory`` the single-replica store; ``redis`` the durable store shared by replicas;
+``factory`` picks one from the ``key_store`` setting (``url`` parses it).
 """
 
 from gateway.keystore.base import (
@@ -16,7 +16,9 @@ from gateway.keystore.base import (
     key_id_for,
     key_not_found,
 )
+from gateway.keystore.factory import open_key_store
 from gateway.keystore.memory import InMemoryKeyStore
+from gateway.keystore.redis import RedisKeyStore
 
 __all__ = [
     "KEY_NOT_FOUND_MESSAGE",
@@ -27,6 +29,8 @@ __all__ = [
     "KeyListener",
     "KeyRecord",
     "KeyStore",
+    "RedisKeyStore",
     "key_id_for",
     "key_not_found",
+    "open_key_store",
 ]

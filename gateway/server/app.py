@@ -33,7 +33,7 @@ from grpc_reflection.v1alpha import reflection
 from gateway.api import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc, hegate_v1_pb2, hegate_v1_pb2_grpc
 from gateway.fastpath import FastPathServer, routes
 from gateway.fastpath.edge import Limits
-from gateway.keystore import InMemoryKeyStore
+from gateway.keystore import open_key_store
 from gateway.server.auth import Tenants
 from gateway.server.encrypted import EncryptedServicer
 from gateway.server.guard import EdgeInterceptor, server_options
@@ -80,13 +80,16 @@ class Gateway:
 
     async def start(self) -> None:
         settings = self.settings
+        # First: an unreachable Redis stops the start in one line, before minutes of model loading.
+        self.keys = await asyncio.to_thread(
+            open_key_store, settings.key_store.get_secret_value(), limits=settings.key_limits
+        )
         self.store = await asyncio.to_thread(
             ModelStore,
             settings.repository,
             plaintext_backend=settings.plaintext_backend,
             precision=settings.ckks_precision,
         )
-        self.keys = InMemoryKeyStore(limits=settings.key_limits)
         self.pool = WorkerPool(
             self.store.worker_models(),
             workers=settings.workers,
@@ -159,7 +162,8 @@ class Gateway:
         return not self._stopping and (self.pool.alive > 0 or not self.store.worker_models())
 
     async def _expire_keys(self) -> None:
-        """Drop expired records (their listeners unload them) and unload key sets idle here."""
+        """Sweep expired records off the loop's thread (a Redis store answers over the network; their
+        listeners unload them), then unload key sets idle here; a store outage skips the sweep, not the unloading."""
         while True:
             await asyncio.sleep(EXPIRY_INTERVAL_SECONDS)
             try:
