@@ -44,7 +44,6 @@ import contextlib
 import importlib.util
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -60,12 +59,10 @@ from bench.gateway import ENCRYPTED_IN_FLIGHT, ENCRYPTED_METHOD, load
 from bench.report import RESULTS, provenance, target_row, write
 from bench.server import (
     Server,
-    free_ports,
     hegate_command,
     memory_bytes,
     metric_samples,
     repository_with,
-    stop,
 )
 
 # TenSEAL, the SDK and the datasets are imported inside the parts: the load generators import
@@ -74,7 +71,8 @@ from bench.server import (
 MODEL = "mnist-cnn-eps3"
 BASELINE = "515c763"  # main before the key-tier work
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
-HARNESS = REPOSITORY_ROOT / "tests" / "balancer.py"  # the deploy engineer's nginx harness (Cluster)
+HARNESS = REPOSITORY_ROOT / "tests" / "balancer.py"  # replicas behind a real nginx (Cluster)
+SERVICES = REPOSITORY_ROOT / "tests" / "services.py"  # a real redis-server (RedisServer)
 COLD_LOAD_METRIC = "hegate_key_cold_load_seconds"  # the tier's histogram of loads from the store, if exposed
 KEY_BUDGET_MIB = 4096  # above 20 default-model sets under either accounting: no registration here is evicted
 SETTLE_SECONDS = 1.0  # after a key set's first call, before reading memory (the worker's load has returned)
@@ -317,45 +315,17 @@ def throughput(*, repository: Path, root: Path, reference: str, plan: Plan, mode
 # -- 3. cold load from Redis ---------------------------------------------------------------------
 
 
-def _pong(port: int) -> bool:
+@contextlib.contextmanager
+def redis_server(root: Path) -> Iterator:
+    """A ``redis-server`` on a free loopback port with its files in ``root``: the tests' launcher
+    (``tests/services.py``), so there is one way to start Redis."""
+    services = load_harness(SERVICES)
+    root.mkdir(parents=True, exist_ok=True)
+    server = services.RedisServer(root).start()
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as connection:
-            connection.sendall(b"PING\r\n")
-            return connection.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-class RedisServer:
-    """A ``redis-server`` (the OS package) on a free loopback port, its files in ``root``, no
-    persistence (a cold load reads what a replica wrote minutes before); stopped on exit."""
-
-    def __init__(self, root: Path, executable: str) -> None:
-        self.root = root
-        self.executable = executable
-        (self.port,) = free_ports(1)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def __enter__(self) -> RedisServer:
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._log = (self.root / "redis.log").open("w")
-        command = [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.root),
-                   "--save", "", "--appendonly", "no"]  # fmt: skip
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while not _pong(self.port):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.__exit__()
-                raise RuntimeError(f"redis-server did not start:\n{(self.root / 'redis.log').read_text()[-2000:]}")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        stop(self.process)
-        self._log.close()
+        yield server
+    finally:
+        server.stop()
 
 
 def key_store_missing(help_text: str) -> str | None:
@@ -388,7 +358,7 @@ def cold_loads(*, repository: Path, root: Path, key_sets: int, model: str, x: np
     from gateway.client.protocol import encrypted_request
 
     rows = []
-    with RedisServer(root / "redis", shutil.which("redis-server")) as redis:
+    with redis_server(root / "redis") as redis:
         flags = [*tenant_flags(key_sets), *budget_flags(help_text), "--key-store", redis.url]
         with (
             Server(repository, 1, root / "replica-a.log", *flags, env=env) as a,
@@ -493,9 +463,9 @@ def locality_share(calls: Iterable[ServedCall]) -> dict:
 
 
 def load_harness(path: Path):
-    """The deploy engineer's harness module (``Cluster``: replicas behind a real nginx), loaded from
-    its file: it lives beside the tests and imports its neighbour ``gateway_harness``. The one place
-    to adapt when the harness moves."""
+    """A harness module of the tests (``Cluster``: replicas behind a real nginx; ``RedisServer``),
+    loaded from its file: it lives beside the tests and imports its neighbours. The one place to
+    adapt when the harnesses move."""
     sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location("bench_keys_balancer_harness", path)
     module = importlib.util.module_from_spec(spec)
@@ -519,7 +489,7 @@ def locality(*, repository: Path, root: Path, plan: Plan, model: str, x: np.ndar
         store = "memory"
         flags = [*tenant_flags(plan.locality_clients), *budget_flags(help_text)]
         if key_store_missing(help_text) is None:
-            redis = stack.enter_context(RedisServer(root / "redis-locality", shutil.which("redis-server")))
+            redis = stack.enter_context(redis_server(root / "redis-locality"))
             flags += ["--key-store", redis.url]
             store = "redis"
         cluster = module.Cluster(root / "cluster", repository, replicas=2, args=tuple(flags), workers=1, env=env)

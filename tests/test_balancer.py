@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 import subprocess
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,11 +18,9 @@ from gateway_harness import make_pki, small_repository
 from gateway.client import HegateClient
 from gateway.client.protocol import KEY_ID_HEADER
 
-pytestmark = pytest.mark.skipif(
-    not Path(NGINX).exists(), reason=f"nginx is not installed ({NGINX}); make test installs it"
-)
 MODEL = "breast-cancer-linear-eps3"  # keys in well under a second: many key sets are cheap
 ENCRYPTED_OK = re.compile(rf'^hegate_requests_total\{{model="{MODEL}",path="encrypted",status="OK"\}} (\S+)$', re.M)
+COLD_LOADS = re.compile(r"^hegate_key_cold_load_seconds_count (\S+)$", re.M)
 PLAINTEXT_OK = re.compile(rf'^hegate_requests_total\{{model="{MODEL}",path="plaintext",status="OK"\}} (\S+)$', re.M)
 
 
@@ -191,3 +188,32 @@ def test_the_whole_cluster_restarts_on_its_ports(cluster):
         session.predict(x)
         assert session.registrations == 2
         session.close()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path, redis_server):
+    """Two replicas on one Redis key store behind nginx."""
+    cluster = Cluster(tmp_path, small_repository(tmp_path / "repository"), args=("--key-store", redis_server.url))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+def test_with_a_shared_store_keys_outlive_their_replica_and_the_whole_cluster(redis_cluster):
+    """Issue 15: register through the balancer; kill the replica that holds the keys: the next call
+    succeeds on the other replica, which loads them from Redis (no second registration); stop nginx,
+    both replicas (and nothing else), start them again: the keys still work without re-registering."""
+    cluster = redis_cluster
+    x = np.random.default_rng(5).normal(size=(2, 30)).astype(np.float32)
+    with HegateClient(cluster.target) as client:
+        session = client.encrypted_session(MODEL)
+        expected = session.predict(x).logits.argmax(1).tolist()
+        holder = cluster.index_of(cluster.balancer.upstream_of(session.key_id))
+        cluster.kill(holder)
+        assert session.predict(x).logits.argmax(1).tolist() == expected
+        other = cluster.replicas[1 - holder]
+        assert _count(COLD_LOADS, other.metrics()) == 1  # it loaded the keys it had never seen, from Redis
+        cluster.stop()
+        cluster.start()
+        assert session.predict(x).logits.argmax(1).tolist() == expected
+        assert session.registrations == 1

@@ -1,5 +1,5 @@
-"""The key store contract on a real Redis: the rules of ``gateway/keystore/base.py``, then what only a shared,
-durable store has (replicas, Redis's own expiry, restarts, outages).
+"""The key store contract: the rules of ``gateway/keystore/base.py`` on a real Redis and on the in-memory
+store (``BOTH_STORES``), then what only a shared, durable store has (replicas, Redis's own expiry, restarts, outages).
 
 The rule tests take a ``make_store(limits)`` fixture (and ``wait(seconds)`` where time matters) and nothing
 else of Redis, so that they can be parametrized over every store. Times to live are real and short (1 s):
@@ -20,6 +20,7 @@ from services import RedisServer, free_port
 from gateway.keystore import (
     KEY_NOT_FOUND_MESSAGE,
     DropReason,
+    InMemoryKeyStore,
     KeyLimits,
     KeyRecord,
     RedisKeyStore,
@@ -59,13 +60,41 @@ def ids(entries) -> list[str]:
     return [entry.key_id for entry in entries]
 
 
-@pytest.fixture
-def make_store(redis_server):
-    """``make_store(limits)``: a store on this test's Redis (each one a replica of the others)."""
-    stores: list[RedisKeyStore] = []
+class _Clock:
+    """The in-memory store's clock for the shared rule tests: wall time that ``wait`` advances at once."""
 
-    def make(limits: KeyLimits = LIMITS) -> RedisKeyStore:
-        store = RedisKeyStore(url=redis_server.url, limits=limits)
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def store_kind(request) -> str:
+    """``redis`` unless a rule test is parametrized over every store (``BOTH_STORES``)."""
+    return getattr(request, "param", "redis")
+
+
+@pytest.fixture
+def clock() -> _Clock:
+    return _Clock()
+
+
+@pytest.fixture
+def make_store(request, store_kind, clock):
+    """``make_store(limits)``: a store on this test's Redis (each one a replica of the others), or an
+    in-memory store on ``clock`` for the rule tests parametrized over both."""
+    stores: list = []
+
+    def make(limits: KeyLimits = LIMITS):
+        if store_kind == "memory":
+            store = InMemoryKeyStore(limits=limits, clock=clock)
+        else:
+            store = RedisKeyStore(url=request.getfixturevalue("redis_server").url, limits=limits)
         stores.append(store)
         return store
 
@@ -75,10 +104,13 @@ def make_store(redis_server):
 
 
 @pytest.fixture
-def wait():
-    """``wait(seconds)``: let the store's clock run. Redis keeps its own, so real time passes; a store
-    with an injected clock would advance that instead."""
-    return time.sleep
+def wait(store_kind, clock):
+    """``wait(seconds)``: let the store's clock run. Redis keeps its own, so real time passes; the
+    in-memory store's injected clock is advanced instead."""
+    return clock.advance if store_kind == "memory" else time.sleep
+
+
+BOTH_STORES = pytest.mark.parametrize("store_kind", ["redis", "memory"], indirect=True)
 
 
 @pytest.fixture
@@ -92,6 +124,7 @@ def raw(redis_server):
 # -- the rules of the contract -----------------------------------------------------------------------
 
 
+@BOTH_STORES
 def test_put_then_get_returns_the_bytes_and_an_entry_timed_by_the_shared_clock(make_store):
     store = make_store()
     before = time.time()
@@ -104,6 +137,7 @@ def test_put_then_get_returns_the_bytes_and_an_entry_timed_by_the_shared_clock(m
     assert store.entries() == [got.entry] and store.resident_bytes() == 100
 
 
+@BOTH_STORES
 def test_registering_held_keys_again_refreshes_them_and_evicts_nothing(make_store):
     store = make_store()
     first, _ = store.put(record("alice", 100))
@@ -114,6 +148,7 @@ def test_registering_held_keys_again_refreshes_them_and_evicts_nothing(make_stor
     assert store.resident_bytes(tenant="alice") == 200
 
 
+@BOTH_STORES
 def test_a_tenant_reaches_only_its_own_keys_and_every_miss_reads_the_same(make_store):
     store = make_store()
     stored, _ = store.put(record("alice", 100))
@@ -131,6 +166,7 @@ def test_a_tenant_reaches_only_its_own_keys_and_every_miss_reads_the_same(make_s
     assert store.entries(tenant="") == [] and store.resident_bytes(tenant="") == 0  # "" is a tenant, not "all"
 
 
+@BOTH_STORES
 def test_over_its_byte_quota_a_tenant_evicts_its_own_least_recently_used_sets(make_store):
     store = make_store()
     bob, _ = store.put(record("bob", 300))
@@ -144,6 +180,7 @@ def test_over_its_byte_quota_a_tenant_evicts_its_own_least_recently_used_sets(ma
     assert store.resident_bytes(tenant="alice") == 500
 
 
+@BOTH_STORES
 def test_over_its_set_quota_a_tenant_evicts_its_least_recently_used_set(make_store):
     store = make_store(LIMITS.model_copy(update={"tenant_key_sets": 2}))
     a1, _ = store.put(record("alice", 10))
@@ -153,6 +190,7 @@ def test_over_its_set_quota_a_tenant_evicts_its_least_recently_used_set(make_sto
     assert ids(evicted) == [a2.key_id] and len(store.entries(tenant="alice")) == 2
 
 
+@BOTH_STORES
 @pytest.mark.parametrize("resident", [LIMITS.tenant_bytes + 1, LIMITS.budget_bytes + 1])
 def test_a_set_larger_than_the_quota_is_refused_and_changes_nothing(make_store, resident):
     store = make_store()
@@ -162,6 +200,7 @@ def test_a_set_larger_than_the_quota_is_refused_and_changes_nothing(make_store, 
     assert ids(store.entries()) == [held.key_id]
 
 
+@BOTH_STORES
 def test_a_full_budget_evicts_from_the_tenant_above_its_equal_share(make_store):
     store = make_store(LIMITS.model_copy(update={"tenant_bytes": 800, "tenant_key_sets": 5}))
     alice = [store.put(record("alice", 200))[0] for _ in range(3)]  # 600 > 1000 / 2
@@ -172,6 +211,7 @@ def test_a_full_budget_evicts_from_the_tenant_above_its_equal_share(make_store):
     assert store.resident_bytes() == 900 and bob.key_id in ids(store.entries(tenant="bob"))
 
 
+@BOTH_STORES
 def test_a_full_budget_where_no_tenant_exceeds_its_share_refuses_and_changes_nothing(make_store):
     store = make_store(LIMITS.model_copy(update={"tenant_bytes": 800}))
     store.put(record("alice", 333))
@@ -182,6 +222,7 @@ def test_a_full_budget_where_no_tenant_exceeds_its_share_refuses_and_changes_not
     assert store.entries() == before
 
 
+@BOTH_STORES
 def test_at_its_share_a_tenant_replaces_its_own_sets_when_the_budget_is_full(make_store):
     store = make_store(LIMITS.model_copy(update={"tenant_bytes": 800}))
     store.put(record("alice", 500))
@@ -190,6 +231,7 @@ def test_at_its_share_a_tenant_replaces_its_own_sets_when_the_budget_is_full(mak
     assert ids(evicted) == [bob.key_id] and store.resident_bytes(tenant="alice") == 500
 
 
+@BOTH_STORES
 def test_a_newcomer_counts_in_the_share_and_evicts_the_largest_holder(make_store):
     store = make_store(LIMITS.model_copy(update={"tenant_bytes": 800}))
     alice = [store.put(record("alice", 250))[0] for _ in range(2)]
@@ -198,6 +240,7 @@ def test_a_newcomer_counts_in_the_share_and_evicts_the_largest_holder(make_store
     assert ids(evicted) == [alice[0].key_id]
 
 
+@BOTH_STORES
 def test_entries_list_least_recently_used_first_and_listing_touches_nothing(make_store):
     store = make_store()
     a, _ = store.put(record("alice", 10))
@@ -210,6 +253,7 @@ def test_entries_list_least_recently_used_first_and_listing_touches_nothing(make
     assert store.resident_bytes() == 30 and store.resident_bytes(tenant="alice") == 20
 
 
+@BOTH_STORES
 def test_listeners_hear_evictions_and_deletions_and_can_leave(make_store):
     store = make_store(LIMITS.model_copy(update={"tenant_key_sets": 1}))
     heard = []
@@ -227,6 +271,7 @@ def test_listeners_hear_evictions_and_deletions_and_can_leave(make_store):
     assert len(heard) == 2
 
 
+@BOTH_STORES
 def test_a_set_unused_for_its_time_to_live_is_dropped_and_reported_and_use_extends_it(make_store, wait):
     store = make_store(LIMITS.model_copy(update={"ttl_seconds": TTL_SECONDS}))
     heard = []
@@ -244,6 +289,7 @@ def test_a_set_unused_for_its_time_to_live_is_dropped_and_reported_and_use_exten
     assert store.expire() == []
 
 
+@BOTH_STORES
 def test_every_method_drops_what_has_expired_first(make_store, wait):
     store = make_store(LIMITS.model_copy(update={"ttl_seconds": TTL_SECONDS}))
     heard = []
@@ -269,6 +315,7 @@ def test_two_tenants_registering_one_key_id_share_one_copy_of_its_bytes(make_sto
     assert raw.keys("hegate:keys:blob:*") == [] and raw.keys("hegate:keys:refs:*") == []
 
 
+@BOTH_STORES
 def test_a_record_whose_key_id_is_not_its_keys_is_refused(make_store):
     store = make_store()
     genuine = record("alice", 100)

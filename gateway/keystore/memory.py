@@ -36,7 +36,15 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
-from gateway.keystore.base import DropReason, KeyEntry, KeyLimits, KeyListener, KeyRecord, key_not_found
+from gateway.keystore.base import (
+    DropReason,
+    KeyEntry,
+    KeyLimits,
+    KeyListener,
+    KeyRecord,
+    check_key_id,
+    key_not_found,
+)
 from models.errors import ResourceExhaustedError
 
 logger = logging.getLogger(__name__)
@@ -78,6 +86,7 @@ class InMemoryKeyStore:
         The store stamps ``created_at`` and ``last_used_at`` with its clock (a refreshed record
         keeps its ``created_at``).
         """
+        check_key_id(record)  # outside the lock: hashing tens of MB takes a while (hashlib releases the GIL)
         slot = (record.tenant, record.key_id)
         with self._changing() as (now, dropped):
             existing = self._records.get(slot)

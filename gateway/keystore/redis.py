@@ -70,7 +70,7 @@ from gateway.keystore.base import (
     KeyLimits,
     KeyListener,
     KeyRecord,
-    key_id_for,
+    check_key_id,
     key_not_found,
 )
 from gateway.keystore.url import RedisLocation, parse_key_store_url
@@ -145,7 +145,7 @@ class RedisKeyStore:
             ResourceExhaustedError: see :class:`~gateway.keystore.base.KeyLimits`.
             UnavailableError: Redis cannot be reached; nothing was admitted.
         """
-        self._check_id(record)
+        check_key_id(record)
         limits, size = self.limits, record.resident_bytes
         for bound, name in ((limits.tenant_bytes, "tenant's quota"), (limits.budget_bytes, "registry's budget")):
             if size > bound:
@@ -300,18 +300,6 @@ class RedisKeyStore:
 
     def _key(self, kind: str, key_id: str) -> str:
         return f"{self._prefix}{kind}{key_id}"
-
-    def _check_id(self, record: KeyRecord) -> None:
-        expected = key_id_for(
-            model_name=record.model_name,
-            model_version=record.model_version,
-            relin=record.relin,
-            galois=record.galois,
-            profile=record.profile,
-            public_key=record.public_key,
-        )
-        if record.key_id != expected:
-            raise InvalidArgumentError(f"key id {record.key_id!r} is not the id of the keys it names ({expected})")
 
     def _stage(self, record: KeyRecord) -> str:
         """Upload the bytes under a fresh key that expires on its own; the admission claims it."""
