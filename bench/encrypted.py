@@ -248,8 +248,9 @@ def markdown(result: dict) -> str:
         "# Encrypted inference",
         "",
         f"`{result['command']}` on {result['date']}, {result['machine']}, load average {result['load_average']} "
-        f"at the start; one request at a time, one core. Latency: the first {LATENCY_REQUESTS} test inputs, one "
-        "per request; accuracy: every image, packed as many per ciphertext as the lanes allow.",
+        f"at the start and {result.get('load_average_after_timings', '?')} when the timings ended (2 cores: above "
+        "about 1, other processes slowed them); one request at a time, one core. Latency: the first "
+        f"{LATENCY_REQUESTS} test inputs, one per request; accuracy: every image, packed as many per ciphertext as the lanes allow.",
         "",
         "| model | ring, modulus bits | packing, lanes | rotations (keys) | products | eval p50 / p95 "
         "| client round trip p50 | TenSEAL chain (speed-up) | eval keys | input / result "
@@ -300,11 +301,13 @@ def main() -> int:
     load_average = round(os.getloadavg()[0], 2)
     setups = [setup(name, args.images) for name in args.models]
     timed = [timings(s) for s in setups]  # every timing first, while nothing else runs in this process
+    load_after_timings = round(os.getloadavg()[0], 2)  # other processes on the machine slow the timings
     rows = [{**t, **accuracy(s)} for t, s in zip(timed, setups, strict=True)]
     default = next((r for r in rows if r["model"] == DEFAULT_MODEL), None)
     result = {
         **provenance("bench.encrypted"),
         "load_average": load_average,
+        "load_average_after_timings": load_after_timings,
         "models": rows,
         "targets": check_targets(default) if default else [],
     }
