@@ -250,7 +250,8 @@ def markdown(result: dict) -> str:
         f"`{result['command']}` on {result['date']}, {result['machine']}, load average {result['load_average']} "
         f"at the start and {result.get('load_average_after_timings', '?')} when the timings ended (2 cores: above "
         "about 1, other processes slowed them); one request at a time, one core. Latency: the first "
-        f"{LATENCY_REQUESTS} test inputs, one per request; accuracy: every image, packed as many per ciphertext as the lanes allow.",
+        f"{LATENCY_REQUESTS} test inputs, one per request; accuracy: every image, packed as many per ciphertext as "
+        "the lanes allow.",
         "",
         "| model | ring, modulus bits | packing, lanes | rotations (keys) | products | eval p50 / p95 "
         "| client round trip p50 | TenSEAL chain (speed-up) | eval keys | input / result "
