@@ -38,7 +38,7 @@ from gateway.server.inference import privacy_parameters
 from gateway.settings import BUNDLED_REPOSITORY
 from models import onnx_runtime
 from models.data import load_dataset
-from models.errors import ResourceExhaustedError
+from models.errors import ResourceExhaustedError, UnavailableError
 from models.manifest import EmpiricalAudit, Manifest
 from models.repository import load_artifact, record_audit
 
@@ -1134,3 +1134,36 @@ def test_metrics_count_requests_by_model_path_and_status(gateway, client, sessio
     assert count(after, "plaintext", "INVALID_ARGUMENT") == count(before, "plaintext", "INVALID_ARGUMENT") + 2
     assert metric(after, "hegate_registered_key_bytes") >= session.key_bytes
     assert "hegate_queue_seconds" in after and "hegate_compute_seconds" in after
+
+
+def test_a_redis_outage_keeps_loaded_keys_serving_and_loses_nothing(tmp_path, redis_server):
+    """Issue 15, on a real gateway and a real Redis: while Redis is down, a session whose keys are
+    loaded keeps being served, a registration is UNAVAILABLE; when Redis is back (same port and
+    files), registrations work again, and a gateway started afterwards serves the first keys
+    without their being registered again."""
+    x, _ = _inputs(CANCER)
+    repository = small_repository(tmp_path / "repository")
+    gateway = GatewayProcess(repository, tmp_path / "first", "--key-store", redis_server.url).wait_ready()
+    try:
+        with HegateClient(gateway.target, timeout_seconds=TIMEOUT) as client:
+            session = client.encrypted_session(CANCER)
+            expected = client.predict(CANCER, x[:4]).argmax(1).tolist()
+            assert session.predict(x[:4]).logits.argmax(1).tolist() == expected
+            redis_server.stop()
+            assert session.predict(x[:4]).logits.argmax(1).tolist() == expected
+            with pytest.raises(UnavailableError) as failure:
+                client.encrypted_session(CANCER)
+            assert failure.value.status == grpc.StatusCode.UNAVAILABLE
+            redis_server.start()
+            assert client.encrypted_session(CANCER).predict(x[:4]).logits.argmax(1).tolist() == expected
+            key_id, ciphertext = session.key_id, session.keys.encrypt(x[:4])
+    finally:
+        assert gateway.stop() == 0
+    restarted = GatewayProcess(repository, tmp_path / "second", "--key-store", redis_server.url).wait_ready()
+    try:
+        _, stub, _ = restarted.stubs()
+        request = infer_request(CANCER, key_id, ciphertext, count=4)
+        reply = stub.Infer(request, timeout=TIMEOUT)  # a raw call: nothing registers the keys again
+        assert session.keys.decrypt_classified(reply.ciphertext, 4).classes.tolist() == expected
+    finally:
+        assert restarted.stop() == 0
